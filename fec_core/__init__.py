@@ -1,0 +1,28 @@
+"""fec_core: FEC (feature extraction with clustering, CVPR 2024) as a small, tested library.
+
+* :mod:`fec_core.clustering`: the equations, one function per concept.
+* :mod:`fec_core.layers`: stem, clustering encode / pool layers, blocks.
+* :mod:`fec_core.model`: the backbone, ``fec_small`` / ``fec_base`` / ``fec_large`` (timm models).
+* :mod:`fec_core.checkpoint`: loading released official checkpoints.
+
+Importing ``fec_core`` registers the variants with timm.
+"""
+from . import clustering
+from .checkpoint import CheckpointError, load_checkpoint, read_state_dict
+from .clustering import (aggregate, aggregate_dense, assign, assign_nearest, centers, cluster_encode,
+                         cluster_pool, dispatch, dispatch_dense, gate, one_hot, similarity)
+from .layers import ClusterBlock, ClusterEncode, ClusterPool, Stem
+from .model import (FEC, SETTINGS, VARIANTS, ClusterRecord, checkpoint_filter_fn, fec_base, fec_base_det,
+                    fec_base_seg, fec_large, fec_large_det, fec_large_seg, fec_small, fec_small_det,
+                    fec_small_seg)
+
+__version__ = "0.1.0"
+
+
+def create_model(name: str = "fec_small", **kwargs) -> FEC:
+    """Shortcut for ``timm.create_model(name, **kwargs)`` restricted to FEC variants."""
+    import timm
+
+    if not name.startswith("fec_"):
+        raise ValueError(f"{name!r} is not an FEC model; choose one of {timm.list_models('fec_*')}")
+    return timm.create_model(name, **kwargs)

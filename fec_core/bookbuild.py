@@ -1,0 +1,116 @@
+"""Execute, clean and build the book's notebooks.
+
+    python -m fec_core.bookbuild execute book/03_centers.ipynb   # run in place, store clean outputs
+    python -m fec_core.bookbuild clean book/*.ipynb               # strip execution counts / volatile metadata
+    python -m fec_core.bookbuild build [--execute]                 # build the site (stored or fresh outputs)
+
+``build --execute`` (the README's ``make book``) copies the book to ``_build/src``,
+executes every chapter there and builds the site from that copy, so the working
+tree's stored outputs (checked by ``pytest --nbval``) are left as they are.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterable, List
+
+ROOT = Path(__file__).resolve().parent.parent
+VOLATILE_CELL_META = ("execution", "collapsed", "scrolled", "ExecuteTime")
+
+
+def clean_notebook(nb) -> None:
+    """Clear execution counts and volatile metadata in place (keeps tags and outputs)."""
+    nb.metadata.pop("widgets", None)
+    nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python", "name": "python3"}
+    nb.metadata["language_info"] = {"name": "python"}
+    for cell in nb.cells:
+        for key in VOLATILE_CELL_META:
+            cell.metadata.pop(key, None)
+        if cell.cell_type == "code":
+            cell.execution_count = None
+            for out in cell.outputs:
+                if "execution_count" in out:
+                    out["execution_count"] = None
+
+
+def execute_notebook(path: Path, timeout: int = 900, cwd: Path | None = None) -> float:
+    """Execute ``path`` in place (in a fresh kernel, working directory ``cwd`` or its folder),
+    clean it and save it. Returns the seconds it took."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(path, as_version=4)
+    t = time.time()
+    NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                   resources={"metadata": {"path": str(cwd or path.parent)}}).execute()
+    clean_notebook(nb)
+    nbformat.write(nb, path)
+    return time.time() - t
+
+
+def chapters(book_dir: Path) -> List[Path]:
+    return sorted(p for p in book_dir.glob("*.ipynb"))
+
+
+def build(execute: bool = False, out: Path | None = None, warnings_as_errors: bool = True) -> Path:
+    """Build the site into ``_build/html``; with ``execute`` from freshly executed copies."""
+    src = ROOT
+    if execute:
+        src = ROOT / "_build" / "src"
+        if src.exists():
+            shutil.rmtree(src)
+        src.mkdir(parents=True)
+        for name in ("_config.yml", "_toc.yml", "references.bib", "book"):
+            p = ROOT / name
+            if p.is_dir():
+                shutil.copytree(p, src / name, ignore=shutil.ignore_patterns("_build", ".ipynb_checkpoints"))
+            elif p.exists():
+                shutil.copy(p, src / name)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(chapters(src / "book"), desc="executing chapters", unit="chapter")
+        for nb in bar:
+            bar.set_postfix_str(nb.name)
+            execute_notebook(nb)
+    cmd = [sys.executable, "-m", "jupyter_book", "build", str(src), "--path-output", str(out or ROOT)]
+    if warnings_as_errors:
+        cmd += ["-W", "-n", "--keep-going"]
+    env = dict(os.environ, PYDEVD_DISABLE_FILE_VALIDATION="1")
+    subprocess.run(cmd, check=True, env=env)
+    html = (out or ROOT) / "_build" / "html"
+    print(f"site built: {html / 'index.html'}")
+    return html
+
+
+def main(argv: Iterable[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m fec_core.bookbuild", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("execute", help="execute notebooks in place and clean them")
+    e.add_argument("notebooks", nargs="+", type=Path)
+    c = sub.add_parser("clean", help="strip execution counts and volatile metadata")
+    c.add_argument("notebooks", nargs="+", type=Path)
+    b = sub.add_parser("build", help="build the site")
+    b.add_argument("--execute", action="store_true", help="execute every chapter first (in a copy)")
+    args = p.parse_args(list(argv) if argv is not None else None)
+    if args.cmd == "execute":
+        for nb in args.notebooks:
+            print(f"{nb}: {execute_notebook(nb):.1f} s", flush=True)
+    elif args.cmd == "clean":
+        import nbformat
+
+        for path in args.notebooks:
+            nb = nbformat.read(path, as_version=4)
+            clean_notebook(nb)
+            nbformat.write(nb, path)
+    else:
+        build(execute=args.execute)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""FEC's layers: stem, clustering encode (token mixer), clustering pooling, MLP, block.
+
+The arithmetic lives in :mod:`fec_core.clustering`; these modules hold the
+parameters, the channel/head/region layout and the bookkeeping that lets a model
+report every layer's assignment map (:meth:`fec_core.FEC.forward_with_clusters`).
+Parameter names follow the official implementation so released checkpoints map
+one-to-one (``f``, ``v``, ``proj``, ``sim_alpha``, ``sim_beta``, ``conv_f``, ...).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+from timm.layers import DropPath, trunc_normal_
+
+from . import clustering as cl
+
+__all__ = ["GroupNorm1", "Stem", "ClusterEncode", "ClusterPool", "Mlp", "ClusterBlock", "point_coordinates"]
+
+
+class GroupNorm1(nn.GroupNorm):
+    """GroupNorm with one group (normalizes over C, H, W per sample), FEC's norm layer."""
+
+    def __init__(self, num_channels: int, **kwargs):
+        super().__init__(1, num_channels, **kwargs)
+
+
+def point_coordinates(x: torch.Tensor) -> torch.Tensor:
+    """The two coordinate channels FEC appends to the image (chapter 2).
+
+    ``x`` [B, C, H, W] -> [B, 2, H, W]: row and column position scaled to [0, 1],
+    minus 0.5 (so in [-0.5, 0.5]), as in the official code.
+    """
+    b, _, h, w = x.shape
+    rows = torch.arange(h, device=x.device, dtype=torch.float32) / max(h - 1.0, 1.0)
+    cols = torch.arange(w, device=x.device, dtype=torch.float32) / max(w - 1.0, 1.0)
+    pos = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=0) - 0.5
+    return pos.to(x.dtype).unsqueeze(0).expand(b, -1, -1, -1)
+
+
+class Stem(nn.Module):
+    """Images as sets of points (chapter 2): RGB plus coordinates, then a ``patch x patch``
+    convolution with stride ``patch`` (the official "point reducer").
+
+    [B, in_chans, H, W] -> [B, dim, H / patch, W / patch].
+    """
+
+    def __init__(self, in_chans: int = 3, dim: int = 32, patch: int = 4):
+        super().__init__()
+        self.in_chans = in_chans
+        self.proj = nn.Conv2d(in_chans + 2, dim, kernel_size=patch, stride=patch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(torch.cat([x, point_coordinates(x)], dim=1))
+
+
+class _Recording:
+    """Mixin: a clustering layer that can keep its last assignment map."""
+
+    name: str = ""
+    official_name: str = ""
+    record: bool = False
+    last_index: Optional[torch.Tensor] = None
+
+    def _check_fold(self, w: int, h: int, step: int = 1):
+        fw, fh = self.fold
+        if w % fw or h % fh or (w // fw) % step or (h // fh) % step:
+            what = f"regions of an even size" if step > 1 else "whole regions"
+            raise ValueError(
+                f"{self.name or type(self).__name__}: a {w}x{h} feature map cannot be split into "
+                f"fold {fw}x{fh} {what}; choose an input size whose feature map here is divisible "
+                f"by the fold{' times 2' if step > 1 else ''}")
+
+
+class ClusterEncode(_Recording, nn.Module):
+    """Clustering-based feature encoding, the token mixer of a block (Eqs. 4-7, chapters 3-7).
+
+    Per head and per fold region: ``proposal = (gw, gh)`` centers by pooling, gated
+    cosine similarity, argmax, aggregation, dispatch; then a 1x1 projection.
+    [B, dim, W, H] -> [B, dim, W, H]. With ``record = True`` the last assignment is
+    kept in ``last_index``, shape ``[B, heads, fold_w, fold_h, w, h]`` (``w = W / fold_w``).
+    """
+
+    kind = "encode"
+
+    def __init__(self, dim: int, heads: int = 4, head_dim: int = 24, proposal: Tuple[int, int] = (2, 2),
+                 fold: Tuple[int, int] = (1, 1), literal: bool = False):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.proposal, self.fold = tuple(proposal), tuple(fold)
+        self.literal = literal
+        self.f = nn.Conv2d(dim, heads * head_dim, kernel_size=1)  # keys (similarity)
+        self.v = nn.Conv2d(dim, heads * head_dim, kernel_size=1)  # values
+        self.proj = nn.Conv2d(heads * head_dim, dim, kernel_size=1)
+        self.sim_alpha = nn.Parameter(torch.ones(1))
+        self.sim_beta = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, w, h = x.shape
+        self._check_fold(w, h)
+        e, fw, fh = self.heads, *self.fold
+        keys = cl.fold(self.f(x).reshape(b * e, self.head_dim, w, h), fw, fh)
+        values = cl.fold(self.v(x).reshape(b * e, self.head_dim, w, h), fw, fh)
+        out, index = cl.cluster_encode(keys, values, self.sim_alpha, self.sim_beta, self.proposal, self.literal)
+        rw, rh = w // fw, h // fh
+        if self.record:
+            self.last_index = index.detach().reshape(b, e, fw, fh, rw, rh)
+        out = cl.unfold(out.transpose(1, 2).reshape(b * e * fw * fh, self.head_dim, rw, rh), fw, fh)
+        return self.proj(out.reshape(b, e * self.head_dim, w, h))
+
+    def extra_repr(self) -> str:
+        return f"heads={self.heads}, head_dim={self.head_dim}, proposal={self.proposal}, fold={self.fold}"
+
+
+class ClusterPool(_Recording, nn.Module):
+    """Clustering-based feature pooling between stages (Eqs. 4-6 and 9, chapter 8).
+
+    N points -> N/4 representatives (2x2 center grid per region), plus a 3x3
+    stride-2 convolution as skip connection, GroupNorm on the representatives.
+    [B, in_dim, W, H] -> [B, out_dim, W/2, H/2]. ``conv_f`` only feeds the argmax and
+    therefore never receives a gradient. ``last_index``: ``[B, fold_w, fold_h, w, h]``.
+    """
+
+    kind = "pool"
+
+    def __init__(self, in_dim: int, out_dim: int, fold: Tuple[int, int] = (1, 1), literal: bool = False):
+        super().__init__()
+        self.fold = tuple(fold)
+        self.literal = literal
+        self.conv_f = nn.Conv2d(in_dim, out_dim, kernel_size=1)  # keys (similarity only)
+        self.conv_v = nn.Conv2d(in_dim, out_dim, kernel_size=1)  # values
+        self.conv_skip = nn.Conv2d(in_dim, out_dim, kernel_size=3, padding=1, stride=2)
+        self.norm2 = GroupNorm1(out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, w, h = x.shape
+        self._check_fold(w, h, step=2)
+        fw, fh = self.fold
+        identity = self.conv_skip(x)
+        keys, values = cl.fold(self.conv_f(x), fw, fh), cl.fold(self.conv_v(x), fw, fh)
+        reps, index = cl.cluster_pool(keys, values, self.literal)
+        if self.record:
+            self.last_index = index.detach().reshape(b, fw, fh, w // fw, h // fh)
+        return identity + self.norm2(cl.unfold(reps, fw, fh))
+
+    def extra_repr(self) -> str:
+        return f"fold={self.fold}"
+
+
+class Mlp(nn.Module):
+    """Point-wise MLP (two linear layers with GELU), [B, C, H, W] -> [B, C, H, W]."""
+
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.drop(self.act(self.fc1(x.permute(0, 2, 3, 1))))
+        return self.drop(self.fc2(x)).permute(0, 3, 1, 2)
+
+
+class ClusterBlock(nn.Module):
+    """One FEC block: ``x + s1 * encode(norm1(x))`` then ``x + s2 * mlp(norm2(x))``,
+    with GroupNorm, LayerScale (``layer_scale_1/2``) and DropPath. [B, C, H, W] -> same."""
+
+    def __init__(self, dim: int, mlp_ratio: float = 4.0, heads: int = 4, head_dim: int = 24,
+                 proposal: Tuple[int, int] = (2, 2), fold: Tuple[int, int] = (1, 1), drop: float = 0.0,
+                 drop_path: float = 0.0, layer_scale_init_value: float = 1e-5, literal: bool = False):
+        super().__init__()
+        self.norm1 = GroupNorm1(dim)
+        self.token_mixer = ClusterEncode(dim, heads, head_dim, proposal, fold, literal)
+        self.norm2 = GroupNorm1(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.layer_scale_1 = nn.Parameter(layer_scale_init_value * torch.ones(dim))
+        self.layer_scale_2 = nn.Parameter(layer_scale_init_value * torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.layer_scale_1[:, None, None] * self.token_mixer(self.norm1(x)))
+        return x + self.drop_path(self.layer_scale_2[:, None, None] * self.mlp(self.norm2(x)))
+
+
+def init_weights(m: nn.Module) -> None:
+    """The official initialization: truncated normal (std 0.02) for linear layers, zero bias."""
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)

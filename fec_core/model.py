@@ -1,0 +1,437 @@
+"""The FEC backbone (book chapter 9), in the style of timm's model files.
+
+``FEC`` has a stem, four stages (stage ``i > 0`` starts with a clustering pooling
+layer) of :class:`~fec_core.layers.ClusterBlock`, and either a classifier
+(GroupNorm, global average, linear) or, for dense prediction (``dense=True``, the
+official ``fork_feat``), one GroupNorm per stage output.
+
+After ``import fec_core`` the variants are timm models::
+
+    timm.create_model('fec_small', num_classes=10, drop_path_rate=0.1)
+    timm.create_model('fec_small', features_only=True, out_indices=(0, 1, 2, 3))
+    timm.create_model('fec_small', setting='seg')       # or 'fec_small_seg', 'fec_small_det'
+
+Official checkpoints (keys ``patch_embed.*``, ``network.*``) are mapped by
+:func:`checkpoint_filter_fn`; :func:`fec_core.load_checkpoint` loads a file.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+
+from .layers import ClusterBlock, ClusterEncode, ClusterPool, GroupNorm1, Stem, init_weights
+
+__all__ = ["FEC", "ClusterRecord", "VARIANTS", "SETTINGS", "checkpoint_filter_fn", "official_name"]
+
+#: Architecture of the three released variants (official ``models/fec.py``).
+VARIANTS: Dict[str, dict] = {
+    "fec_small": dict(layers=(3, 4, 5, 2), embed_dims=(32, 64, 196, 320), mlp_ratios=(8, 8, 4, 4),
+                      heads=(4, 4, 8, 8), head_dim=(24, 24, 24, 24)),
+    "fec_base": dict(layers=(2, 2, 6, 2), embed_dims=(64, 128, 320, 512), mlp_ratios=(8, 8, 4, 4),
+                     heads=(4, 4, 8, 8), head_dim=(32, 32, 32, 32)),
+    "fec_large": dict(layers=(4, 4, 12, 4), embed_dims=(64, 128, 320, 512), mlp_ratios=(8, 8, 4, 4),
+                      heads=(6, 6, 12, 12), head_dim=(32, 32, 32, 32)),
+}
+
+#: Center grids and fold regions per stage: ImageNet classification (224x224), the
+#: official ADE20K segmentation setting (512x512) and COCO detection setting (1333x800).
+SETTINGS: Dict[str, dict] = {
+    "cls": dict(proposal=(4, 4, 2, 2), fold=(1, 1, 1, 1)),
+    "seg": dict(proposal=(10, 10, 5, 5), fold=(1, 1, 1, 1), dense=True),
+    "det": dict(proposal=(7, 7, 7, 7), fold=(2, 2, 1, 1), dense=True),
+}
+
+PairOrInt = Union[int, Tuple[int, int]]
+
+
+def _pair(v: PairOrInt) -> Tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+@dataclass
+class ClusterRecord:
+    """The assignment map of one clustering layer from one forward pass.
+
+    ``index``: for ``kind == 'encode'`` a LongTensor ``[B, heads, fold_w, fold_h, w, h]``;
+    for ``kind == 'pool'`` ``[B, fold_w, fold_h, w, h]``. ``(w, h)`` is the size of one fold
+    region of the layer's input feature map (rows, columns); the value is the index
+    of the winning center inside its region, row-major over the region's center grid
+    ``grid`` (``proposal`` for encode layers, ``(w/2, h/2)`` for pooling).
+    """
+
+    name: str
+    official_name: str
+    kind: str
+    stage: int
+    index: torch.Tensor
+    fold: Tuple[int, int]
+    grid: Tuple[int, int]
+
+    @property
+    def num_centers(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+
+def official_name(name: str) -> str:
+    """Our module name -> the official one: ``stages.i.blocks.k`` -> ``network.{2i}.k``,
+    ``stages.i.downsample`` -> ``network.{2i-1}``, ``stem`` -> ``patch_embed``, ``out_norms.i`` -> ``norm{2i}``."""
+    parts = name.split(".")
+    if parts[0] == "stem":
+        return ".".join(["patch_embed"] + parts[1:])
+    if parts[0] == "out_norms":
+        return ".".join([f"norm{2 * int(parts[1])}"] + parts[2:])
+    if parts[0] == "stages" and len(parts) > 2:
+        i = int(parts[1])
+        if parts[2] == "downsample":
+            return ".".join([f"network.{2 * i - 1}"] + parts[3:])
+        if parts[2] == "blocks":
+            return ".".join([f"network.{2 * i}"] + parts[3:])
+    return name
+
+
+class FECStage(nn.Module):
+    """One stage: an optional clustering pooling layer, then ``depth`` blocks."""
+
+    def __init__(self, downsample: Optional[nn.Module], blocks: List[nn.Module]):
+        super().__init__()
+        self.downsample = downsample if downsample is not None else nn.Identity()
+        self.blocks = nn.Sequential(*blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.downsample(x))
+
+
+class FEC(nn.Module):
+    """Feature extraction with clustering (Chen et al., CVPR 2024), book chapter 9.
+
+    Args:
+        layers: blocks per stage. embed_dims: channels per stage. mlp_ratios: MLP expansion.
+        heads, head_dim: clustering heads per stage and channels per head.
+        proposal: center grid ``(w, h)`` (or an int) of the encode layers, per stage.
+        fold: region folding ``(w, h)`` (or an int) per stage; stage ``i``'s pooling uses ``fold[i]``.
+        num_classes: classifier size (0: no classifier). dense: per-stage GroupNorms for
+            dense prediction and no classifier (the official ``fork_feat``).
+        literal: use the literal dense clustering path (for teaching and testing).
+    Input ``[B, in_chans, H, W]``; ``forward`` returns logits ``[B, num_classes]`` or, when
+    ``dense``, the four normalized stage outputs (strides 4, 8, 16, 32).
+    """
+
+    def __init__(self, layers: Sequence[int] = (3, 4, 5, 2), embed_dims: Sequence[int] = (32, 64, 196, 320),
+                 mlp_ratios: Sequence[float] = (8, 8, 4, 4), heads: Sequence[int] = (4, 4, 8, 8),
+                 head_dim: Sequence[int] = (24, 24, 24, 24), proposal: Sequence[PairOrInt] = (4, 4, 2, 2),
+                 fold: Sequence[PairOrInt] = (1, 1, 1, 1), num_classes: int = 1000, in_chans: int = 3,
+                 drop_rate: float = 0.0, drop_path_rate: float = 0.0, layer_scale_init_value: float = 1e-5,
+                 dense: bool = False, literal: bool = False, global_pool: str = "avg", setting: str = "cls"):
+        super().__init__()
+        n = len(layers)
+        for arg, val in dict(embed_dims=embed_dims, mlp_ratios=mlp_ratios, heads=heads, head_dim=head_dim,
+                             proposal=proposal, fold=fold).items():
+            if len(val) != n:
+                raise ValueError(f"{arg} has {len(val)} entries, layers has {n}")
+        self.num_classes = 0 if dense else num_classes
+        self.in_chans = in_chans
+        self.dense = dense
+        self.setting = setting
+        self.embed_dims = tuple(embed_dims)
+        self.num_features = self.head_hidden_size = embed_dims[-1]
+        self.drop_rate = drop_rate
+        self.global_pool = global_pool
+        self.grad_checkpointing = False
+        proposal = [_pair(p) for p in proposal]
+        fold = [_pair(f) for f in fold]
+
+        self.stem = Stem(in_chans, embed_dims[0], patch=4)
+        total = sum(layers)
+        dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
+        stages, self.feature_info, k = [], [], 0
+        for i in range(n):
+            down = ClusterPool(embed_dims[i - 1], embed_dims[i], fold[i], literal) if i > 0 else None
+            blocks = [ClusterBlock(embed_dims[i], mlp_ratios[i], heads[i], head_dim[i], proposal[i], fold[i],
+                                   drop_rate, dpr[k + j], layer_scale_init_value, literal) for j in range(layers[i])]
+            k += layers[i]
+            stages.append(FECStage(down, blocks))
+            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=4 * 2 ** i, module=f"stages.{i}"))
+        self.stages = nn.Sequential(*stages)
+
+        if dense:
+            self.out_norms = nn.ModuleList([GroupNorm1(d) for d in embed_dims])
+            self.norm = nn.Identity()
+        else:
+            self.norm = GroupNorm1(embed_dims[-1])
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dims[-1], self.num_classes) if self.num_classes > 0 else nn.Identity()
+        self.apply(init_weights)
+        for name, m in self.named_modules():
+            if isinstance(m, (ClusterEncode, ClusterPool)):
+                m.name, m.official_name = name, official_name(name)
+
+    # ------------------------------------------------------------------ timm API
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return set()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False):
+        return dict(stem=r"^stem", blocks=r"^stages\.(\d+)" if coarse else
+                    [(r"^stages\.(\d+)\.downsample", (0,)), (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+                     (r"^norm|^out_norms", (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True):
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
+        """Replace the classifier with a fresh one for ``num_classes`` classes (0 removes it)."""
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = global_pool
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            init_weights(self.head)
+
+    def clustering_layers(self) -> List[nn.Module]:
+        """Every clustering layer (encode and pool) in forward order."""
+        return [m for m in self.modules() if isinstance(m, (ClusterEncode, ClusterPool))]
+
+    def set_literal(self, literal: bool = True) -> "FEC":
+        """Switch every clustering layer between the literal dense path and the fast path."""
+        for m in self.clustering_layers():
+            m.literal = literal
+        return self
+
+    # ------------------------------------------------------------------ forward
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise a clear ``ValueError`` for an input FEC cannot process."""
+        if not isinstance(x, torch.Tensor) or x.ndim != 4:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"FEC expects an image batch [B, {self.in_chans}, H, W], got {shape}")
+        if x.shape[1] != self.in_chans:
+            raise ValueError(f"FEC was built for {self.in_chans} input channels, got {x.shape[1]} "
+                             f"(input shape {tuple(x.shape)})")
+        h, w = x.shape[-2:]
+        if h < 4 or w < 4:
+            raise ValueError(f"input {h}x{w} is smaller than the 4x4 stem")
+
+    def _run_stage(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return torch.utils.checkpoint.checkpoint(stage, x, use_reentrant=False)
+        return stage(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, in_chans, H, W] -> last stage's feature map, normalized, [B, C4, H/32, W/32]."""
+        self.check_input(x)
+        x = self.stem(x)
+        for stage in self.stages:
+            x = self._run_stage(stage, x)
+        return self.out_norms[-1](x) if self.dense else self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """[B, C4, h, w] -> logits [B, num_classes] (or the pooled features if ``pre_logits``)."""
+        if self.global_pool == "avg":
+            x = x.mean((-2, -1))
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False):
+        """Multi-scale features for dense prediction (strides 4, 8, 16, 32).
+
+        Returns the stage outputs selected by ``indices`` (all by default), each
+        ``[B, C_i, H / 2^(i+2), W / 2^(i+2)]``, normalized by the per-stage GroupNorm when
+        the model is ``dense`` (the official ``fork_feat`` outputs). With
+        ``intermediates_only=False`` returns ``(final features, intermediates)``.
+        """
+        if output_fmt != "NCHW":
+            raise ValueError("FEC features are NCHW")
+        self.check_input(x)
+        take, max_index = feature_take_indices(len(self.stages), indices)
+        stages = self.stages[:max_index + 1] if stop_early else self.stages
+        x = self.stem(x)
+        feats = []
+        for i, stage in enumerate(stages):
+            x = self._run_stage(stage, x)
+            if i in take:
+                feats.append(self.out_norms[i](x) if self.dense else x)
+        if intermediates_only:
+            return feats
+        return (self.out_norms[-1](x) if self.dense else self.norm(x)), feats
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True):
+        """Drop the stages after the last wanted feature (and the head), for ``features_only``."""
+        take, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[:max_index + 1]
+        if prune_head:
+            self.reset_classifier(0)
+            if not self.dense:
+                self.norm = nn.Identity()
+        return take
+
+    def forward(self, x: torch.Tensor):
+        if self.dense:
+            return self.forward_intermediates(x, intermediates_only=True)
+        return self.forward_head(self.forward_features(x))
+
+    @contextlib.contextmanager
+    def recording(self):
+        """Context in which every clustering layer keeps its last assignment map."""
+        layers = self.clustering_layers()
+        for m in layers:
+            m.record, m.last_index = True, None
+        try:
+            yield layers
+        finally:
+            for m in layers:
+                m.record = False
+
+    def forward_with_clusters(self, x: torch.Tensor):
+        """Forward pass that also returns every clustering layer's assignments.
+
+        Returns ``(output, records)``: ``output`` as :meth:`forward`, ``records`` a list of
+        :class:`ClusterRecord` in forward order (pooling and encode layers), e.g.
+        for ``fec_small`` at 224x224: 14 encode records and 3 pooling records.
+        """
+        with self.recording() as layers:
+            out = self(x)
+        records = []
+        for m in layers:
+            if m.last_index is None:  # a pruned or skipped layer
+                continue
+            stage = int(m.name.split(".")[1])
+            idx = m.last_index
+            grid = m.proposal if m.kind == "encode" else (idx.shape[-2] // 2, idx.shape[-1] // 2)
+            records.append(ClusterRecord(m.name, m.official_name, m.kind, stage, idx, m.fold, grid))
+            m.last_index = None
+        return out, records
+
+
+# ---------------------------------------------------------------------------- timm glue
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: Optional[FEC] = None):
+    """Map an official checkpoint's keys to ours (timm's ``pretrained_filter_fn``).
+
+    Strips ``module.`` / ``backbone.`` prefixes, renames ``patch_embed`` -> ``stem``,
+    ``network.{2i}.k`` -> ``stages.i.blocks.k``, ``network.{2i-1}`` -> ``stages.i.downsample``,
+    ``norm{2i}`` -> ``out_norms.i``. Keys already in our layout pass through.
+    """
+    import re
+
+    out = {}
+    for k, v in state_dict.items():
+        for prefix in ("module.", "backbone."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        k = re.sub(r"^patch_embed\.", "stem.", k)
+        m = re.match(r"^network\.(\d+)\.(.*)$", k)
+        if m:
+            j, rest = int(m.group(1)), m.group(2)
+            k = f"stages.{j // 2}.blocks.{rest}" if j % 2 == 0 else f"stages.{(j + 1) // 2}.downsample.{rest}"
+        m = re.match(r"^norm(\d+)\.(.*)$", k)
+        if m:
+            k = f"out_norms.{int(m.group(1)) // 2}.{m.group(2)}"
+        out[k] = v
+    return out
+
+
+def _cfg(**kwargs):
+    return {
+        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
+        "crop_pct": 0.9, "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "stem.proj", "classifier": "head", "license": "apache-2.0",
+        "paper_ids": "arXiv:2403.17409", "paper_name": "Neural Clustering based Visual Representation Learning",
+        "origin_url": "https://github.com/guikunchen/FEC", **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    "fec_small.in1k": _cfg(),
+    "fec_base.in1k": _cfg(),
+    "fec_large.in1k": _cfg(),
+    "fec_small_seg.untrained": _cfg(num_classes=0, input_size=(3, 512, 512)),
+    "fec_base_seg.untrained": _cfg(num_classes=0, input_size=(3, 512, 512)),
+    "fec_large_seg.untrained": _cfg(num_classes=0, input_size=(3, 512, 512)),
+    "fec_small_det.untrained": _cfg(num_classes=0, input_size=(3, 800, 1344)),
+    "fec_base_det.untrained": _cfg(num_classes=0, input_size=(3, 800, 1344)),
+    "fec_large_det.untrained": _cfg(num_classes=0, input_size=(3, 800, 1344)),
+})
+
+
+def _create_fec(variant: str, pretrained: bool = False, **kwargs) -> FEC:
+    base = variant.split("_")[0] + "_" + variant.split("_")[1]  # fec_small_seg -> fec_small
+    setting = kwargs.pop("setting", variant.split("_")[2] if variant.count("_") == 2 else "cls")
+    if setting not in SETTINGS:
+        raise ValueError(f"unknown setting {setting!r}; choose one of {sorted(SETTINGS)}")
+    args = {**VARIANTS[base], **SETTINGS[setting], "setting": setting}
+    features_only = kwargs.get("features_only", False)
+    if features_only:
+        args["dense"] = True
+    args.update(kwargs)
+    out_indices = args.pop("out_indices", (0, 1, 2, 3))
+    return build_model_with_cfg(
+        FEC, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(feature_cls="getter", out_indices=out_indices), **args)
+
+
+@register_model
+def fec_small(pretrained: bool = False, **kwargs) -> FEC:
+    """FEC-Small: 5.5M parameters (5,727,528), 1.4 GMACs at 224x224."""
+    return _create_fec("fec_small", pretrained, **kwargs)
+
+
+@register_model
+def fec_base(pretrained: bool = False, **kwargs) -> FEC:
+    """FEC-Base: 14.4M parameters (15,086,848), 3.4 GMACs at 224x224."""
+    return _create_fec("fec_base", pretrained, **kwargs)
+
+
+@register_model
+def fec_large(pretrained: bool = False, **kwargs) -> FEC:
+    """FEC-Large: 28.3M parameters (29,720,344), 6.5 GMACs at 224x224."""
+    return _create_fec("fec_large", pretrained, **kwargs)
+
+
+@register_model
+def fec_small_seg(pretrained: bool = False, **kwargs) -> FEC:
+    """FEC-Small backbone with the official ADE20K setting (centers 10, 10, 5, 5)."""
+    return _create_fec("fec_small_seg", pretrained, **kwargs)
+
+
+@register_model
+def fec_base_seg(pretrained: bool = False, **kwargs) -> FEC:
+    """FEC-Base backbone with the official ADE20K setting (centers 10, 10, 5, 5)."""
+    return _create_fec("fec_base_seg", pretrained, **kwargs)
+
+
+@register_model
+def fec_large_seg(pretrained: bool = False, **kwargs) -> FEC:
+    """FEC-Large backbone with the official ADE20K setting (centers 10, 10, 5, 5)."""
+    return _create_fec("fec_large_seg", pretrained, **kwargs)
+
+
+@register_model
+def fec_small_det(pretrained: bool = False, **kwargs) -> FEC:
+    """FEC-Small backbone with the official COCO setting (7 centers, folds 2, 2, 1, 1)."""
+    return _create_fec("fec_small_det", pretrained, **kwargs)
+
+
+@register_model
+def fec_base_det(pretrained: bool = False, **kwargs) -> FEC:
+    """FEC-Base backbone with the official COCO setting (7 centers, folds 2, 2, 1, 1)."""
+    return _create_fec("fec_base_det", pretrained, **kwargs)
+
+
+@register_model
+def fec_large_det(pretrained: bool = False, **kwargs) -> FEC:
+    """FEC-Large backbone with the official COCO setting (7 centers, folds 2, 2, 1, 1)."""
+    return _create_fec("fec_large_det", pretrained, **kwargs)
