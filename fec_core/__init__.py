@@ -14,7 +14,7 @@ from .clustering import (aggregate, aggregate_dense, assign, assign_nearest, cen
 from .layers import ClusterBlock, ClusterEncode, ClusterPool, Stem
 from .model import (FEC, SETTINGS, VARIANTS, ClusterRecord, checkpoint_filter_fn, fec_base, fec_base_det,
                     fec_base_seg, fec_large, fec_large_det, fec_large_seg, fec_small, fec_small_det,
-                    fec_small_seg)
+                    fec_small_seg, fec_tiny)
 
 __version__ = "0.1.0"
 

@@ -38,6 +38,9 @@ VARIANTS: Dict[str, dict] = {
                      heads=(4, 4, 8, 8), head_dim=(32, 32, 32, 32)),
     "fec_large": dict(layers=(4, 4, 12, 4), embed_dims=(64, 128, 320, 512), mlp_ratios=(8, 8, 4, 4),
                       heads=(6, 6, 12, 12), head_dim=(32, 32, 32, 32)),
+    # Not in the paper: a small variant for CPU experiments in the book (~0.3M parameters).
+    "fec_tiny": dict(layers=(1, 1, 2, 1), embed_dims=(24, 48, 96, 128), mlp_ratios=(4, 4, 4, 4),
+                     heads=(2, 2, 4, 4), head_dim=(12, 12, 16, 16)),
 }
 
 #: Center grids and fold regions per stage: ImageNet classification (224x224), the
@@ -358,6 +361,7 @@ default_cfgs = generate_default_cfgs({
     "fec_small.in1k": _cfg(),
     "fec_base.in1k": _cfg(),
     "fec_large.in1k": _cfg(),
+    "fec_tiny.untrained": _cfg(input_size=(3, 64, 64), pool_size=(2, 2)),
     "fec_small_seg.untrained": _cfg(num_classes=0, input_size=(3, 512, 512)),
     "fec_base_seg.untrained": _cfg(num_classes=0, input_size=(3, 512, 512)),
     "fec_large_seg.untrained": _cfg(num_classes=0, input_size=(3, 512, 512)),
@@ -381,6 +385,12 @@ def _create_fec(variant: str, pretrained: bool = False, **kwargs) -> FEC:
     return build_model_with_cfg(
         FEC, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(feature_cls="getter", out_indices=out_indices), **args)
+
+
+@register_model
+def fec_tiny(pretrained: bool = False, **kwargs) -> FEC:
+    """FEC-Tiny: not in the paper, a small variant for CPU experiments (layers 1-1-2-1)."""
+    return _create_fec("fec_tiny", pretrained, **kwargs)
 
 
 @register_model
