@@ -3,6 +3,7 @@
     python -m fec_core.bookbuild execute book/03_centers.ipynb   # run in place, store clean outputs
     python -m fec_core.bookbuild clean book/*.ipynb               # strip execution counts / volatile metadata
     python -m fec_core.bookbuild build [--execute]                 # build the site (stored or fresh outputs)
+    python -m fec_core.bookbuild build --out /tmp/site --toc /tmp/toc.yml   # elsewhere, other chapters
 
 ``build --execute`` (the README's ``make book``) copies the book to ``_build/src``,
 executes every chapter there and builds the site from that copy, so the working
@@ -57,9 +58,19 @@ def chapters(book_dir: Path) -> List[Path]:
     return sorted(p for p in book_dir.glob("*.ipynb"))
 
 
-def build(execute: bool = False, out: Path | None = None, warnings_as_errors: bool = True) -> Path:
-    """Build the site into ``_build/html``; with ``execute`` from freshly executed copies."""
+def build(execute: bool = False, out: Path | None = None, warnings_as_errors: bool = True,
+          toc: Path | None = None) -> Path:
+    """Build the site into ``<out>/_build/html`` (``out`` defaults to the repository root);
+    with ``execute`` from freshly executed copies. ``toc``: another table of contents
+    (e.g. a subset of the chapters while others are being written). Warnings are errors
+    unless ``warnings_as_errors=False``. Returns the html folder; raises
+    ``RuntimeError`` when jupyter-book fails."""
     src = ROOT
+    out = Path(out).resolve() if out is not None else ROOT
+    if toc is not None:
+        toc = Path(toc).resolve()
+        if not toc.is_file():
+            raise FileNotFoundError(f"table of contents {toc} does not exist")
     if execute:
         src = ROOT / "_build" / "src"
         if src.exists():
@@ -74,17 +85,46 @@ def build(execute: bool = False, out: Path | None = None, warnings_as_errors: bo
         from tqdm.auto import tqdm
 
         bar = tqdm(chapters(src / "book"), desc="executing chapters", unit="chapter")
+        wanted = None if toc is None else _toc_files(toc)
         for nb in bar:
             bar.set_postfix_str(nb.name)
-            execute_notebook(nb)
-    cmd = [sys.executable, "-m", "jupyter_book", "build", str(src), "--path-output", str(out or ROOT)]
+            if wanted is None or f"book/{nb.stem}" in wanted:
+                execute_notebook(nb)
+    cmd = [sys.executable, "-m", "jupyter_book", "build", str(src), "--path-output", str(out)]
+    if toc is not None:
+        cmd += ["--toc", str(toc)]
     if warnings_as_errors:
         cmd += ["-W", "-n", "--keep-going"]
     env = dict(os.environ, PYDEVD_DISABLE_FILE_VALIDATION="1")
-    subprocess.run(cmd, check=True, env=env)
-    html = (out or ROOT) / "_build" / "html"
+    result = subprocess.run(cmd, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f"jupyter-book build failed (exit {result.returncode}); "
+                           f"{'warnings are errors, ' if warnings_as_errors else ''}see its output above")
+    html = out / "_build" / "html"
     print(f"site built: {html / 'index.html'}")
     return html
+
+
+def _toc_files(toc: Path) -> set:
+    """Every ``file:`` entry (and the root) of a jb-book table of contents, without suffix."""
+    import yaml
+
+    data = yaml.safe_load(toc.read_text())
+    found = {str(data.get("root", "")).rsplit(".", 1)[0]} if isinstance(data, dict) else set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            if "file" in node:
+                found.add(str(node["file"]).rsplit(".", 1)[0] if str(node["file"]).endswith((".ipynb", ".md"))
+                          else str(node["file"]))
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(data)
+    return found
 
 
 def main(argv: Iterable[str] | None = None) -> None:
@@ -97,6 +137,9 @@ def main(argv: Iterable[str] | None = None) -> None:
     c.add_argument("notebooks", nargs="+", type=Path)
     b = sub.add_parser("build", help="build the site")
     b.add_argument("--execute", action="store_true", help="execute every chapter first (in a copy)")
+    b.add_argument("--out", type=Path, default=None,
+                   help="build into OUT/_build/html (default: the repository root)")
+    b.add_argument("--toc", type=Path, default=None, help="use another table of contents than _toc.yml")
     args = p.parse_args(list(argv) if argv is not None else None)
     if args.cmd == "execute":
         for nb in args.notebooks:
@@ -109,7 +152,10 @@ def main(argv: Iterable[str] | None = None) -> None:
             clean_notebook(nb)
             nbformat.write(nb, path)
     else:
-        build(execute=args.execute)
+        try:
+            build(execute=args.execute, out=args.out, toc=args.toc)
+        except (RuntimeError, FileNotFoundError) as err:
+            sys.exit(f"error: {err}")
 
 
 if __name__ == "__main__":

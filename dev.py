@@ -1,0 +1,80 @@
+#!/usr/bin/env python3
+"""The project's two commands, with nothing but Python 3.10+ needed to start them.
+
+    python3 dev.py book   # set up .venv, execute every chapter, build the site (_build/html)
+    python3 dev.py test   # set up .venv, run the unit tests and re-run every notebook (nbval)
+
+Both create ``.venv`` (``python3 -m venv``) and install ``fec_core`` with its ``book``
+and ``dev`` extras on first use, and again whenever ``pyproject.toml`` changes.
+``test`` also installs Debian's chromium and chromedriver (for the site's browser
+test) when they are missing and it runs as root with apt-get available.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+PY = VENV / "bin" / "python"
+STAMP = VENV / ".installed-stamp"
+
+
+def run(cmd, **kw) -> int:
+    print("+", " ".join(str(c) for c in cmd), flush=True)
+    return subprocess.call([str(c) for c in cmd], cwd=ROOT, **kw)
+
+
+def ensure_venv() -> None:
+    if sys.version_info < (3, 10):
+        sys.exit(f"Python 3.10 or newer is needed (this is {sys.version.split()[0]})")
+    pyproject = ROOT / "pyproject.toml"
+    if PY.exists() and STAMP.exists() and STAMP.stat().st_mtime >= pyproject.stat().st_mtime:
+        return
+    if not PY.exists():
+        print(f"creating {VENV}", flush=True)
+        try:
+            venv.create(VENV, with_pip=True)
+        except Exception as e:  # e.g. Debian without python3-venv
+            sys.exit(f"could not create a virtual environment ({e}); on Debian/Ubuntu: apt-get install python3-venv")
+    steps = [
+        [PY, "-m", "pip", "install", "--quiet", "--upgrade", "pip"],
+        [PY, "-m", "pip", "install", "--quiet", "-e", ".[book,dev]"],
+        [PY, "-m", "ipykernel", "install", "--sys-prefix", "--name", "python3"],
+    ]
+    for cmd in steps:
+        if run(cmd) != 0:
+            sys.exit(f"setup failed: {' '.join(map(str, cmd))}")
+    STAMP.touch()
+
+
+def ensure_browser() -> None:
+    script = ROOT / "scripts" / "ensure-browser.sh"
+    if script.exists() and not (shutil.which("chromium") and shutil.which("chromedriver")):
+        run(["bash", script])
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("book", "site", "test", "setup"):
+        print(__doc__)
+        return 2
+    cmd, rest = argv[0], argv[1:]
+    ensure_venv()
+    env = dict(os.environ, PYDEVD_DISABLE_FILE_VALIDATION="1", MPLBACKEND="Agg")
+    if cmd == "setup":
+        return 0
+    if cmd == "book":
+        return run([PY, "-m", "fec_core.bookbuild", "build", "--execute", *rest], env=env)
+    if cmd == "site":
+        return run([PY, "-m", "fec_core.bookbuild", "build", *rest], env=env)
+    ensure_browser()
+    return run([PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests", "--nbval", "book", *rest], env=env)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
