@@ -25,18 +25,24 @@ VOLATILE_CELL_META = ("execution", "collapsed", "scrolled", "ExecuteTime")
 
 
 def clean_notebook(nb) -> None:
-    """Clear execution counts and volatile metadata in place (keeps tags and outputs)."""
+    """Number code cells 1..n and strip volatile metadata in place (keeps tags and outputs).
+
+    Counts are renumbered rather than cleared: nbval treats a cell without an
+    execution count as never run and refuses its stored outputs.
+    """
     nb.metadata.pop("widgets", None)
     nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python", "name": "python3"}
     nb.metadata["language_info"] = {"name": "python"}
+    count = 0
     for cell in nb.cells:
         for key in VOLATILE_CELL_META:
             cell.metadata.pop(key, None)
         if cell.cell_type == "code":
-            cell.execution_count = None
+            count += 1
+            cell.execution_count = count
             for out in cell.outputs:
                 if "execution_count" in out:
-                    out["execution_count"] = None
+                    out["execution_count"] = count
 
 
 def execute_notebook(path: Path, timeout: int = 900, cwd: Path | None = None) -> float:
@@ -90,7 +96,8 @@ def build(execute: bool = False, out: Path | None = None, warnings_as_errors: bo
             bar.set_postfix_str(nb.name)
             if wanted is None or f"book/{nb.stem}" in wanted:
                 execute_notebook(nb)
-    cmd = [sys.executable, "-m", "jupyter_book", "build", str(src), "--path-output", str(out)]
+    jb = Path(sys.executable).parent / "jupyter-book"
+    cmd = [str(jb) if jb.exists() else "jupyter-book", "build", str(src), "--path-output", str(out)]
     if toc is not None:
         cmd += ["--toc", str(toc)]
     if warnings_as_errors:
