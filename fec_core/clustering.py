@@ -26,7 +26,12 @@ kinds of layer (chapter 8 for pooling). Both have a *literal* path that mirrors
 the math with dense tensors, and a *fast* path (the default) that never builds
 the dense ``[B, M, N]`` mask nor the ``[B, M, N, D]`` dispatch product, and, for
 pooling, never the ``[B, N/4, N]`` similarity. Tests check that both paths give
-the same numbers and gradients.
+the same numbers and gradients. Chapter 12 (performance) explains the fast path's
+internals: the layer functions keep channels first (``[B, D, N]``) so that the
+scatter and the gather read and write contiguous rows and the output needs no
+transpose copy, and the pooling assignment runs over tiles with a running maximum
+(:func:`assign_nearest`; on CUDA a fused Triton kernel, :mod:`fec_core.kernels`),
+so that its memory grows linearly with the number of pixels.
 
 Shapes: ``B`` batch (times heads and fold regions), ``N`` points, ``M`` centers,
 ``C`` key channels, ``D`` value channels.
@@ -38,6 +43,8 @@ from typing import Tuple
 
 import torch
 import torch.nn.functional as F
+
+from . import kernels as _kernels
 
 __all__ = [
     "centers", "similarity", "gate", "assign", "assign_nearest", "one_hot",
@@ -165,25 +172,77 @@ def assign(scores: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 def assign_nearest(center_keys: torch.Tensor, point_keys: torch.Tensor,
                    max_elements: int = 1 << 24) -> torch.Tensor:
-    """Hard cosine assignment without the full similarity matrix (chapter 8, performance).
+    """Hard cosine assignment without the full similarity matrix (chapter 8; chapter 12, performance).
 
     ``center_keys`` [B, M, C], ``point_keys`` [B, N, C] -> ``index`` [B, N], equal to
-    ``assign(similarity(center_keys, point_keys))[1]``, computed over tiles of points
-    so that at most ``max_elements`` similarities exist at once. No gradient
-    flows through an argmax, so it runs without autograd.
+    ``assign(similarity(center_keys, point_keys))[1]`` (Eq. 5 with the plain cosine of
+    pooling layers), computed over tiles of points (and, when ``B * M`` alone exceeds
+    the budget, of centers, merged by a running maximum that keeps the first index on
+    ties, as ``max`` does) so that at most ``max_elements`` similarities exist at once:
+    memory grows linearly with ``N``. On CUDA a fused Triton kernel
+    (:func:`fec_core.kernels.cosine_argmax`) computes similarity and argmax together
+    when Triton is available. No gradient flows through an argmax, so it runs without
+    autograd.
     """
-    b, m, _ = center_keys.shape
-    n = point_keys.shape[1]
+    if center_keys.ndim != 3 or point_keys.ndim != 3 or center_keys.shape[0] != point_keys.shape[0] \
+            or center_keys.shape[2] != point_keys.shape[2]:
+        raise ValueError(f"assign_nearest expects center_keys [B, M, C] and point_keys [B, N, C], "
+                         f"got {tuple(center_keys.shape)} and {tuple(point_keys.shape)}")
+    if max_elements < 1:
+        raise ValueError(f"max_elements must be positive, got {max_elements}")
     with torch.no_grad():
+        # Normalized exactly as similarity() does, so both paths compare the same numbers.
         c = F.normalize(center_keys, dim=-1)
-        step = max(1, max_elements // max(1, b * m))
-        if step >= n:
-            return torch.matmul(c, F.normalize(point_keys, dim=-1).transpose(-2, -1)).argmax(dim=1)
-        parts = []
-        for s in range(0, n, step):
-            p = F.normalize(point_keys[:, s:s + step], dim=-1)
-            parts.append(torch.matmul(c, p.transpose(-2, -1)).argmax(dim=1))
-        return torch.cat(parts, dim=1)
+        p = F.normalize(point_keys, dim=-1)
+        return _cosine_argmax(c, p, max_elements)
+
+
+_MIN_TILE = 128  # fewest points per tile before the batch or the centers are split too
+_CPU_TILE = 1 << 20  # on CPU, tiles of at most 4 MB of float32 (stay in cache): measured faster
+
+
+def _tile_budget(x: torch.Tensor, max_elements: int) -> int:
+    return max_elements if x.is_cuda else min(max_elements, _CPU_TILE)
+
+
+def _cosine_argmax(c: torch.Tensor, p: torch.Tensor, max_elements: int) -> torch.Tensor:
+    """``argmax_m <c_m, p_n>`` for unit vectors ``c`` [B, M, C], ``p`` [B, N, C] -> [B, N].
+
+    Each tile is a ``[b_t, n_t, m_t]`` product ``p_t @ c_t^T`` (points in rows, so the
+    maximum runs over the contiguous last axis) reduced at once, with
+    ``b_t * n_t * m_t <= max_elements``. The batch is split first, then the points,
+    and only when one image's ``M`` centers times ``128`` points exceed the budget,
+    the centers, merged with a strict ``>`` (first index wins ties; NaN wins, as in
+    ``max``).
+    """
+    if _kernels.use_kernel(c, p):
+        return _kernels.cosine_argmax(c, p)
+    budget = _tile_budget(c, max_elements)
+    b, m, _ = c.shape
+    n = p.shape[1]
+    if b * m * n <= budget:
+        return torch.matmul(p, c.transpose(1, 2)).max(dim=-1)[1]
+    min_tile = min(n, _MIN_TILE)
+    if b > 1 and b * m * min_tile > budget:  # split the batch
+        bt = max(1, budget // (m * min_tile))
+        return torch.cat([_cosine_argmax(c[i:i + bt], p[i:i + bt], budget) for i in range(0, b, bt)], dim=0)
+    ct = c.transpose(1, 2)
+    tn = budget // (b * m)
+    if tn >= min_tile:  # tiles of points only: each tile sees every center
+        return torch.cat([torch.matmul(p[:, s:s + tn], ct).max(dim=-1)[1] for s in range(0, n, tn)], dim=1)
+    tn = min_tile
+    tm = max(1, budget // (b * tn))
+    parts = []
+    for s in range(0, n, tn):
+        pt = p[:, s:s + tn]
+        best, index = torch.matmul(pt, ct[:, :, :tm]).max(dim=-1)
+        for t in range(tm, m, tm):
+            val, idx = torch.matmul(pt, ct[:, :, t:t + tm]).max(dim=-1)
+            better = (val > best) | (val.isnan() & ~best.isnan())
+            best = torch.where(better, val, best)
+            index = torch.where(better, idx + t, index)
+        parts.append(index)
+    return torch.cat(parts, dim=1)
 
 
 def one_hot(index: torch.Tensor, num_centers: int, dtype=torch.float32) -> torch.Tensor:
@@ -235,6 +294,68 @@ def dispatch_dense(representatives: torch.Tensor, weights: torch.Tensor) -> torc
     return (representatives.unsqueeze(2) * weights.unsqueeze(-1)).sum(dim=1)
 
 
+# --------------------------------------------------------------------------- fast path internals
+# The layer functions below keep channels first: the key and value maps arrive as
+# [B, D, W, H] (contiguous from the 1x1 convolutions), so [B, D, N] is a free view.
+# Scattering and gathering along the last axis of [B, D, N] reads and writes
+# contiguous rows, and the dispatched output is already in the layout the next
+# convolution wants (no transpose copy). Public aggregate() / dispatch() keep the
+# points-first [B, N, D] form of the book's chapters 6 and 7.
+
+def _gated_assign(center_keys: torch.Tensor, point_keys: torch.Tensor, alpha: torch.Tensor,
+                  beta: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``assign(gate(similarity(center_keys, point_keys), alpha, beta))`` (Eq. 5 of encode
+    layers) -> ``(best [B, N], index [B, N])``, the same numbers. On CPU it runs over
+    chunks of points so that the ``[B, M, n]`` scores of a chunk stay in cache while
+    they are gated and reduced (on CUDA one pass: fewer kernel launches)."""
+    b, m, _ = center_keys.shape
+    n = point_keys.shape[1]
+    step = n if point_keys.is_cuda else max(_MIN_TILE, _CPU_TILE // (4 * b * m))
+    if step >= n:
+        return assign(gate(similarity(center_keys, point_keys), alpha, beta))
+    c = F.normalize(center_keys, dim=-1)
+    best, index = [], []
+    for s in range(0, n, step):
+        p = F.normalize(point_keys[:, s:s + step], dim=-1)
+        v, i = assign(gate(torch.matmul(c, p.transpose(-2, -1)), alpha, beta))
+        best.append(v)
+        index.append(i)
+    return torch.cat(best, dim=1), torch.cat(index, dim=1)
+
+
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Sums of half / bfloat16 values are accumulated in float32 (as a matmul would)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _aggregate_cf(values: torch.Tensor, center_values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Aggregation (Eq. 6), channels first: ``values`` [B, D, N], ``center_values`` [B, D, M],
+    ``index`` [B, N] -> representatives [B, D, M], ``(c_m + sum_{n in m} v_n) / (1 + |m|)``.
+
+    Same numbers as :func:`aggregate` (to float rounding: the sums run in the same
+    order over ``n``); one scatter-add along ``N`` for the sums and one for the
+    counts, no ``[B, M, N]`` mask, no transpose copy.
+    """
+    b, d, m = center_values.shape
+    acc = _accumulate_dtype(values.dtype)
+    src = values.to(acc)
+    if _BACKEND == "torch_scatter":
+        sums = _ts_scatter_sum(src, index.unsqueeze(1), dim=2, dim_size=m)
+    else:
+        sums = src.new_zeros(b, d, m).scatter_add_(2, index.unsqueeze(1).expand(-1, d, -1), src)
+    counts = src.new_zeros(b, m).scatter_add_(1, index, src.new_ones(()).expand(index.shape))
+    reps = (sums + center_values.to(acc)) / (counts.unsqueeze(1) + 1.0)
+    return reps.to(torch.result_type(values, center_values))
+
+
+def _dispatch_cf(representatives: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Dispatch (Eq. 7), channels first: ``representatives`` [B, D, M], ``index`` [B, N],
+    ``weight`` [B, N] -> [B, D, N], ``out[:, n] = weight_n * r_{index_n}`` (a gather)."""
+    d = representatives.shape[1]
+    picked = torch.gather(representatives, 2, index.unsqueeze(1).expand(-1, d, -1))
+    return picked * weight.unsqueeze(1)
+
+
 # --------------------------------------------------------------------------- layers
 def cluster_encode(keys: torch.Tensor, values: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
                    grid: Tuple[int, int], literal: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -243,17 +364,22 @@ def cluster_encode(keys: torch.Tensor, values: torch.Tensor, alpha: torch.Tensor
     ``keys`` [B, C, W, H], ``values`` [B, D, W, H] -> ``(out [B, N, D], index [B, N])``:
     centers by pooling to ``grid``, gated cosine similarity, argmax over the gate,
     aggregation, dispatch. ``literal=True`` uses the dense mask and dense dispatch.
+    The fast path returns ``out`` as a ``[B, N, D]`` view of a channels-first
+    ``[B, D, N]`` tensor (so ``out.transpose(1, 2)`` is contiguous, chapter 12).
     """
-    ck, cv = to_points(centers(keys, grid)), to_points(centers(values, grid))
-    pk, pv = to_points(keys), to_points(values)
-    scores = gate(similarity(ck, pk), alpha, beta)  # [B, M, N]
-    best, index = assign(scores)
+    ck_map, cv_map = centers(keys, grid), centers(values, grid)
     if literal:
-        mask = one_hot(index, ck.shape[1], scores.dtype)
+        scores = gate(similarity(to_points(ck_map), to_points(keys)), alpha, beta)  # [B, M, N]
+        best, index = assign(scores)
+        pv, cv = to_points(values), to_points(cv_map)
+        mask = one_hot(index, cv.shape[1], scores.dtype)
         reps = aggregate_dense(pv, cv, mask)
         return dispatch_dense(reps, scores * mask), index
-    reps = aggregate(pv, cv, index)
-    return dispatch(reps, index, best), index
+    # fast path, channels first: [B, D, N] views, no mask, no [B, M, N, D] product
+    best, index = _gated_assign(to_points(ck_map), to_points(keys), alpha, beta)
+    reps = _aggregate_cf(values.flatten(2), cv_map.flatten(2), index)  # [B, D, M]
+    out = _dispatch_cf(reps, index, best)  # [B, D, N]
+    return out.transpose(1, 2), index  # [B, N, D] view of a channels-first tensor
 
 
 def cluster_pool(keys: torch.Tensor, values: torch.Tensor, literal: bool = False
@@ -264,18 +390,21 @@ def cluster_pool(keys: torch.Tensor, values: torch.Tensor, literal: bool = False
     ``(representatives [B, D, W/2, H/2], index [B, N])``: ``N/4`` centers by 2x2
     pooling, every point joins its most similar center (plain cosine, no gate),
     representatives by aggregation. The fast path tiles the similarity
-    (:func:`assign_nearest`) instead of building ``[B, N/4, N]``.
+    (:func:`assign_nearest`) instead of building ``[B, N/4, N]``, so its memory
+    grows linearly with ``N`` (its compute stays quadratic: every point is compared
+    with every center of its region).
     """
     b, _, w, h = keys.shape
     if w % 2 or h % 2:
         raise ValueError(f"cluster pooling needs an even feature map, got {w}x{h}")
     grid = (w // 2, h // 2)
-    ck, cv = to_points(centers(keys, grid)), to_points(centers(values, grid))
-    pk, pv = to_points(keys), to_points(values)
+    ck_map, cv_map = centers(keys, grid), centers(values, grid)
     if literal:
+        ck, cv = to_points(ck_map), to_points(cv_map)
+        pk, pv = to_points(keys), to_points(values)
         _, index = assign(similarity(ck, pk))
         reps = aggregate_dense(pv, cv, one_hot(index, ck.shape[1], pv.dtype))
-    else:
-        index = assign_nearest(ck, pk)
-        reps = aggregate(pv, cv, index)
-    return reps.transpose(1, 2).reshape(b, -1, grid[0], grid[1]), index
+        return reps.transpose(1, 2).reshape(b, -1, grid[0], grid[1]), index
+    index = assign_nearest(to_points(ck_map), to_points(keys))
+    reps = _aggregate_cf(values.flatten(2), cv_map.flatten(2), index)  # [B, D, M], channels first
+    return reps.reshape(b, -1, grid[0], grid[1]), index

@@ -3,6 +3,10 @@
 Nothing here downloads: the photograph is matplotlib's ``sample_data/grace_hopper.jpg``,
 the digits are scikit-learn's bundled 8x8 scans (UCI), and ``shapes`` images are
 drawn procedurally, deterministic from a seed.
+
+For training (chapter 10): :func:`digits_datasets`, :func:`shapes_datasets` (torch
+Datasets built from the arrays above) and :class:`ImageFolderDataset` /
+:func:`image_folder_datasets` for folders in the ImageNet layout.
 """
 from __future__ import annotations
 
@@ -14,7 +18,9 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["sample_image", "sample_image_path", "to_tensor", "normalize", "denormalize",
-           "SHAPE_CLASSES", "make_shapes", "load_digits_arrays", "IMAGENET_MEAN", "IMAGENET_STD"]
+           "SHAPE_CLASSES", "make_shapes", "load_digits_arrays", "IMAGENET_MEAN", "IMAGENET_STD",
+           "TensorImageDataset", "builtin_transform", "stratified_split", "digits_datasets", "shapes_datasets",
+           "ImageFolderDataset", "image_folder_datasets", "IMG_EXTENSIONS"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -143,3 +149,179 @@ def load_digits_arrays(size: int = 32) -> Tuple[torch.Tensor, torch.Tensor]:
     x = torch.from_numpy(d.images.astype(np.float32) / 16.0).unsqueeze(1)
     x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
     return x.repeat(1, 3, 1, 1), torch.from_numpy(d.target).long()
+
+
+# ---------------------------------------------------------------------------- datasets for training
+# Torch Datasets for :mod:`fec_core.train` (chapter 10). Each yields ``(image, target)``:
+# ``image`` a normalized float tensor ``[3, H, W]``, ``target`` a class index (or, for
+# ``shapes`` with ``target="mask"``, a per-pixel class map ``[H, W]``).
+
+#: File extensions the image-folder dataset accepts (lower case).
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class TensorImageDataset(torch.utils.data.Dataset):
+    """In-memory images ``[n, 3, s, s]`` in [0, 1] with targets ``[n]`` (or ``[n, s, s]``).
+
+    ``__getitem__`` returns ``(normalize(transform(image)), target)``; ``transform`` (e.g.
+    the light augmentation of :func:`builtin_transform`) works on a ``[3, s, s]`` tensor
+    in [0, 1] and is applied to the image only. ``classes``: class names; ``masks``
+    (optional, ``[n, s, s]`` bool) travel along for interpretability work.
+    """
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, classes: Tuple[str, ...],
+                 transform=None, masks: Optional[torch.Tensor] = None, normalized: bool = True):
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be [n, 3, H, W], got {tuple(images.shape)}")
+        if len(images) != len(targets):
+            raise ValueError(f"{len(images)} images but {len(targets)} targets")
+        self.images, self.targets, self.classes = images, targets, tuple(classes)
+        self.transform, self.masks, self.normalized = transform, masks, normalized
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        x = self.images[i]
+        if self.transform is not None:
+            x = self.transform(x)
+        if self.normalized:
+            x = normalize(x.unsqueeze(0))[0]
+        return x, self.targets[i]
+
+
+def builtin_transform(augment: bool = True, degrees: float = 10.0, translate: float = 0.1,
+                      scale: Tuple[float, float] = (0.9, 1.1)):
+    """Light augmentation for the small built-in datasets: a random affine warp (rotation
+    ``degrees``, shift ``translate`` x size, zoom ``scale``) on ``[3, s, s]`` tensors; no flips
+    (a flipped digit is another symbol). ``augment=False`` -> ``None``."""
+    if not augment:
+        return None
+    from torchvision.transforms import v2
+
+    return v2.RandomAffine(degrees=degrees, translate=(translate, translate), scale=scale)
+
+
+def stratified_split(labels: torch.Tensor, val_fraction: float = 0.25, seed: int = 0
+                     ) -> Tuple[np.ndarray, np.ndarray]:
+    """Indices ``(train, val)`` of a stratified, seeded split (each class keeps its share)."""
+    from sklearn.model_selection import train_test_split
+
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    idx = np.arange(len(labels))
+    train, val = train_test_split(idx, test_size=val_fraction, random_state=seed, stratify=np.asarray(labels))
+    return np.sort(train), np.sort(val)
+
+
+def digits_datasets(size: int = 32, val_fraction: float = 0.25, seed: int = 0, augment: bool = True
+                    ) -> Tuple[TensorImageDataset, TensorImageDataset]:
+    """The ``digits`` dataset for training: ``(train, val)``, a stratified seeded split
+    (``val_fraction`` held out, 450 of 1,797 images by default). 10 classes ``'0'..'9'``;
+    the training part gets :func:`builtin_transform` when ``augment``."""
+    images, labels = load_digits_arrays(size)
+    tr, va = stratified_split(labels, val_fraction, seed)
+    classes = tuple(str(i) for i in range(10))
+    return (TensorImageDataset(images[tr], labels[tr], classes, builtin_transform(augment)),
+            TensorImageDataset(images[va], labels[va], classes))
+
+
+def shapes_datasets(n_train: int = 2000, n_val: int = 500, size: int = 64, seed: int = 0, target: str = "label",
+                    augment: bool = False) -> Tuple[TensorImageDataset, TensorImageDataset]:
+    """The ``shapes`` dataset for training: ``(train, val)`` from one :func:`make_shapes` call
+    (``n_train + n_val`` images, deterministic from ``seed``; the first ``n_train`` train).
+
+    ``target="label"``: class index into :data:`SHAPE_CLASSES`; ``target="mask"``: a per-pixel
+    class map ``[size, size]`` (long; 0 background, ``1 + label`` on the shape, classes
+    ``("background",) + SHAPE_CLASSES``). Both datasets keep the boolean ``masks``.
+    ``augment`` (labels only; a warp would move the masks) adds :func:`builtin_transform`.
+    """
+    if target not in ("label", "mask"):
+        raise ValueError(f"target must be 'label' or 'mask', got {target!r}")
+    if augment and target == "mask":
+        raise ValueError("augment=True would move the images but not their masks; use target='label'")
+    images, labels, masks = make_shapes(n_train + n_val, size, seed)
+    if target == "mask":
+        targets, classes = masks.long() * (1 + labels.view(-1, 1, 1)), ("background",) + SHAPE_CLASSES
+    else:
+        targets, classes = labels, SHAPE_CLASSES
+    tr, va = slice(0, n_train), slice(n_train, n_train + n_val)
+    return (TensorImageDataset(images[tr], targets[tr], classes, builtin_transform(augment), masks[tr]),
+            TensorImageDataset(images[va], targets[va], classes, None, masks[va]))
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """Images in the ImageNet layout, ``root/<class>/<image>`` (e.g. ``train/n01440764/x.JPEG``).
+
+    Classes are the sub-folder names, sorted (or ``classes`` to fix the order, e.g. the
+    training split's for the validation split). Clear errors: a missing or empty folder,
+    no class folders, a class folder without images (all such folders are named), and,
+    when an image is loaded, an unreadable file (its path is named). ``transform``
+    maps a PIL RGB image to a tensor (e.g. ``timm.data.create_transform``).
+    """
+
+    def __init__(self, root: str, transform=None, classes: Optional[Tuple[str, ...]] = None):
+        import os
+
+        self.root, self.transform = str(root), transform
+        if not os.path.isdir(self.root):
+            raise FileNotFoundError(f"dataset folder not found: {self.root}")
+        found = sorted(e.name for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith("."))
+        if not found:
+            raise FileNotFoundError(
+                f"dataset folder {self.root} has no class folders; expected the ImageNet layout "
+                f"{self.root}/<class>/<image>.JPEG")
+        if classes is None:
+            classes = found
+        else:
+            extra = sorted(set(found) - set(classes))
+            if extra:
+                raise ValueError(f"{self.root} has class folders the training split does not have: {extra[:8]}")
+        self.classes = tuple(classes)
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        self.samples, empty = [], []
+        for c in found:
+            files = sorted(f for f in os.listdir(os.path.join(self.root, c))
+                           if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith("."))
+            if not files:
+                empty.append(c)
+            self.samples += [(os.path.join(self.root, c, f), self.class_to_idx[c]) for f in files]
+        if empty:
+            raise FileNotFoundError(
+                f"{len(empty)} class folder(s) in {self.root} hold no images ({', '.join(IMG_EXTENSIONS)}): "
+                f"{', '.join(empty[:8])}{' ...' if len(empty) > 8 else ''}")
+        self.targets = [t for _, t in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, i: int):
+        """The ``i``-th image as a PIL RGB image, or a clear error naming the file."""
+        from PIL import Image
+
+        path = self.samples[i][0]
+        try:
+            with Image.open(path) as img:
+                return img.convert("RGB")
+        except Exception as e:
+            raise OSError(f"cannot read image {path}: {e}") from e
+
+    def __getitem__(self, i: int):
+        img = self.load(i)
+        return (self.transform(img) if self.transform is not None else img), self.samples[i][1]
+
+
+def image_folder_datasets(root: str, train_transform=None, val_transform=None, train_split: str = "train",
+                          val_split: str = "val") -> Tuple[ImageFolderDataset, ImageFolderDataset]:
+    """``(train, val)`` image-folder datasets from ``root/train`` and ``root/val`` (ImageNet layout);
+    the validation split uses the training split's class order."""
+    import os
+
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"dataset folder not found: {root}")
+    for split in (train_split, val_split):
+        if not os.path.isdir(os.path.join(root, split)):
+            raise FileNotFoundError(f"{root} has no '{split}' folder; expected {root}/{train_split}/<class>/*.JPEG "
+                                    f"and {root}/{val_split}/<class>/*.JPEG")
+    train = ImageFolderDataset(os.path.join(root, train_split), train_transform)
+    return train, ImageFolderDataset(os.path.join(root, val_split), val_transform, classes=train.classes)

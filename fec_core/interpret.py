@@ -245,6 +245,20 @@ def _first_of(maps: Sequence[LayerMap], names: Sequence[str]) -> List[LayerMap]:
 
 
 # ---------------------------------------------------------------------------- merging
+def _kmeans(points: np.ndarray, k: int, seed: int, n_init: int) -> np.ndarray:
+    """scikit-learn's k-means (:cite:`lloyd1982kmeans`) on ``points`` ``[N, D]`` -> labels ``[N]``.
+
+    Runs single-threaded: for the small problems here (one image at a time) thread
+    start-up costs far more than it saves, especially on a busy machine.
+    """
+    from sklearn.cluster import KMeans
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ConvergenceWarning when fewer distinct points than k
+        return KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(points.astype(np.float64)).labels_
+
+
 def merge_regions(features: torch.Tensor, labels: torch.Tensor, k: int, seed: int = 0,
                   normalize: bool = True, n_init: int = 10) -> torch.Tensor:
     """Merge representatives into ``k`` regions with k-means (scikit-learn), as the paper's figures do.
@@ -257,8 +271,6 @@ def merge_regions(features: torch.Tensor, labels: torch.Tensor, k: int, seed: in
     Returns LongTensor ``[B, H, W]`` with values in ``0..k-1``. Regions are numbered by
     decreasing area, so the labels do not depend on k-means' arbitrary order.
     """
-    from sklearn.cluster import KMeans
-
     b, c, h, w = features.shape
     if labels.shape[0] != b:
         raise ValueError(f"features for {b} images, labels for {labels.shape[0]}")
@@ -271,10 +283,7 @@ def merge_regions(features: torch.Tensor, labels: torch.Tensor, k: int, seed: in
         feats = F.normalize(feats, dim=-1)
     out = torch.empty_like(labels)
     for i in range(b):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # ConvergenceWarning when fewer distinct points than k
-            km = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(feats[i].numpy().astype(np.float64))
-        region = torch.from_numpy(km.labels_).long().to(labels.device)
+        region = torch.from_numpy(_kmeans(feats[i].numpy(), k, seed, n_init)).long().to(labels.device)
         out[i] = _by_area(region[labels[i]], k)
     return out
 
@@ -366,23 +375,21 @@ def segment_foreground(model: FEC, images: torch.Tensor, stage: int = -1, k: int
     return torch.cat(masks)
 
 
-def kmeans_pixels(images: torch.Tensor, k: int = 2, xy_weight: float = 1.0, seed: int = 0) -> torch.Tensor:
+def kmeans_pixels(images: torch.Tensor, k: int = 2, xy_weight: float = 1.0, seed: int = 0,
+                  n_init: int = 4) -> torch.Tensor:
     """The classical baseline: k-means on every pixel's ``(R, G, B, x, y)``, per image.
 
     ``images`` ``[B, 3, H, W]`` in [0, 1]; coordinates scaled to [0, 1] and multiplied by
     ``xy_weight``. Returns region labels LongTensor ``[B, H, W]`` (values ``0..k-1``,
     numbered by decreasing area).
     """
-    from sklearn.cluster import KMeans
-
     b, _, h, w = images.shape
     yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
     xy = torch.stack([yy, xx]).reshape(2, -1).T * xy_weight
     out = torch.empty(b, h, w, dtype=torch.long)
     for i in range(b):
-        pts = torch.cat([images[i].detach().float().cpu().reshape(3, -1).T, xy], dim=1).numpy().astype(np.float64)
-        km = KMeans(n_clusters=k, n_init=4, random_state=seed).fit(pts)
-        out[i] = _by_area(torch.from_numpy(km.labels_).long().reshape(h, w), k)
+        pts = torch.cat([images[i].detach().float().cpu().reshape(3, -1).T, xy], dim=1).numpy()
+        out[i] = _by_area(torch.from_numpy(_kmeans(pts, k, seed, n_init)).long().reshape(h, w), k)
     return out
 
 

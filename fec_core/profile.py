@@ -1,29 +1,51 @@
 """Counting a model's size: parameters and multiply-accumulates (book chapter 9).
 
 Chapter 9 reproduces the paper's parameter and FLOP columns (Table 1 of
-Chen et al., CVPR 2024) with these two helpers. FLOPs are counted by PyTorch's
-own :class:`torch.utils.flop_counter.FlopCounterMode`, which counts 2 FLOPs per
-multiply-accumulate of matrix products and convolutions (``mm``, ``bmm``,
-``conv``, ...); like the paper (and fvcore, which it follows) we report
-multiply-accumulates, ``MACs = FLOPs / 2``. Element-wise work (norms, GELU,
-sigmoid, the scatter-add of the aggregation) is not counted.
+Chen et al., CVPR 2024) with these helpers. FLOPs are counted by PyTorch's own
+:class:`torch.utils.flop_counter.FlopCounterMode`, which counts 2 FLOPs per
+multiply-accumulate of matrix products and convolutions (``mm``, ``addmm``,
+``bmm``, ``convolution``, ...); like the paper we report multiply-accumulates,
+``MACs = FLOPs / 2``. Element-wise work (norms, GELU, the sigmoid gate, the
+scatter-add of the aggregation, gathers) is not counted.
+
+    >>> model = timm.create_model("fec_small")
+    >>> count_params(model) / 2**20          # 5.46, the paper's "5.5 M"
+    >>> count_macs(model, 224) / 1e9         # 1.355, the paper's "1.4 G"
 """
 from __future__ import annotations
 
-from typing import Dict, Sequence, Tuple, Union
+from dataclasses import dataclass, field
+from typing import Dict, Sequence, Union
 
 import torch
 import torch.nn as nn
 
-__all__ = ["count_params", "count_macs", "macs_by_operator"]
+__all__ = ["MacCount", "count_params", "count_macs", "macs_breakdown", "macs_by_operator", "macs_by_module"]
+
+InputSize = Union[int, Sequence[int]]
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameters of ``model`` (all of them, or only those with ``requires_grad``)."""
+    """Number of parameters of ``model`` (chapter 9): all of them, or only those with ``requires_grad``."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-def _input(model: nn.Module, input_size: Union[int, Sequence[int]]) -> torch.Tensor:
+@dataclass
+class MacCount:
+    """The multiply-accumulates of one forward pass, counted once and split three ways.
+
+    ``total``: all MACs. ``by_operator``: per ATen operator (``'convolution'``, ``'addmm'``,
+    ``'bmm'``, ...), largest first. ``by_module``: per called submodule, by its dotted name
+    (``'stem.proj'``, ``'stages.0'``, ``'stages.0.blocks.0.token_mixer'``, ``'head'``, ...),
+    in the model's module order; a module's count includes its children's.
+    """
+
+    total: int
+    by_operator: Dict[str, int] = field(default_factory=dict)
+    by_module: Dict[str, int] = field(default_factory=dict)
+
+
+def _input(model: nn.Module, input_size: InputSize) -> torch.Tensor:
     if isinstance(input_size, int):
         input_size = (input_size, input_size)
     size = tuple(int(s) for s in input_size)
@@ -39,7 +61,14 @@ def _input(model: nn.Module, input_size: Union[int, Sequence[int]]) -> torch.Ten
     return torch.randn(size, device=device, dtype=dtype)
 
 
-def _count(model: nn.Module, input_size) -> Tuple[int, Dict[str, int]]:
+def macs_breakdown(model: nn.Module, input_size: InputSize = 224) -> MacCount:
+    """Count the MACs of one forward pass of ``model`` (chapter 9), see :class:`MacCount`.
+
+    ``input_size``: ``H`` (square), ``(H, W)``, ``(C, H, W)`` or ``(B, C, H, W)``; the
+    batch defaults to 1 and the channels to ``model.in_chans`` (3). The model runs once
+    in eval mode under ``torch.no_grad`` on a random input, on its own device, inside
+    :class:`torch.utils.flop_counter.FlopCounterMode` (FLOPs / 2 = MACs).
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
     x = _input(model, input_size)
@@ -51,24 +80,37 @@ def _count(model: nn.Module, input_size) -> Tuple[int, Dict[str, int]]:
             model(x)
     finally:
         model.train(was_training)
-    per_op = {str(op).removeprefix("aten."): n for op, n in counter.get_flop_counts().get("Global", {}).items()}
-    return counter.get_total_flops(), per_op
+    counts = counter.get_flop_counts()
+    by_operator = {str(op).removeprefix("aten."): n // 2
+                   for op, n in sorted(counts.get("Global", {}).items(), key=lambda kv: -kv[1])}
+    by_module = {}
+    for key, per_op in counts.items():
+        if key == "Global" or "." not in key:  # the totals and the root module
+            continue
+        by_module[key.split(".", 1)[1]] = sum(per_op.values()) // 2
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    by_module = dict(sorted(by_module.items(), key=lambda kv: order.get(kv[0], len(order))))
+    return MacCount(counter.get_total_flops() // 2, by_operator, by_module)
 
 
-def count_macs(model: nn.Module, input_size: Union[int, Sequence[int]] = 224) -> int:
-    """Multiply-accumulates of one forward pass of ``model`` (chapter 9).
+def count_macs(model: nn.Module, input_size: InputSize = 224) -> int:
+    """Multiply-accumulates of one forward pass of ``model`` (chapter 9), as :func:`macs_breakdown`.
 
-    ``input_size``: ``H`` (square), ``(H, W)``, ``(C, H, W)`` or ``(B, C, H, W)``; the
-    batch defaults to 1 and the channels to ``model.in_chans`` (3). The model runs once
-    in eval mode under ``torch.no_grad`` on a random input, on its own device, inside
-    :class:`torch.utils.flop_counter.FlopCounterMode`; returns ``total FLOPs // 2``.
-    E.g. ``count_macs(timm.create_model('fec_small'), 224) / 1e9`` is about 1.36 (paper: 1.4 G).
+    E.g. ``count_macs(timm.create_model('fec_small'), 224) / 1e9`` is 1.355 (paper: 1.4 G).
     """
-    flops, _ = _count(model, input_size)
-    return flops // 2
+    return macs_breakdown(model, input_size).total
 
 
-def macs_by_operator(model: nn.Module, input_size: Union[int, Sequence[int]] = 224) -> Dict[str, int]:
+def macs_by_operator(model: nn.Module, input_size: InputSize = 224) -> Dict[str, int]:
     """The MACs of :func:`count_macs` split by ATen operator (``'convolution'``, ``'bmm'``, ...)."""
-    _, per_op = _count(model, input_size)
-    return {op: n // 2 for op, n in sorted(per_op.items(), key=lambda kv: -kv[1])}
+    return macs_breakdown(model, input_size).by_operator
+
+
+def macs_by_module(model: nn.Module, input_size: InputSize = 224, depth: int = 2) -> Dict[str, int]:
+    """The MACs of :func:`count_macs` per called submodule whose dotted name has ``depth``
+    parts, in the model's module order (chapter 9). For :class:`~fec_core.FEC`, ``depth=2``
+    gives ``'stem.proj'`` and ``'stages.0'`` ... ``'stages.3'``, ``depth=1`` gives ``'stem'``
+    and ``'head'`` (the stages are called one by one, ``stages`` itself never)."""
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1, got {depth}")
+    return {k: v for k, v in macs_breakdown(model, input_size).by_module.items() if len(k.split(".")) == depth}

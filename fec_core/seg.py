@@ -61,19 +61,18 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import TensorDataset
 
-from .data import SHAPE_CLASSES, make_shapes, normalize
+from .data import SHAPE_CLASSES
 from .model import FEC
 
-__all__ = ["SEG_CLASSES", "IGNORE_INDEX", "feature_channels", "backbone_fec", "SemanticFPN", "FECSegmenter",
-           "FECBackboneWithFPN", "segmentation_targets", "shapes_segmentation", "confusion_matrix",
-           "iou_per_class", "mean_iou", "MeanIoU", "segmentation_loss"]
+__all__ = ["SEG_CLASSES", "IGNORE_INDEX", "SEG_RECIPE", "feature_channels", "backbone_fec", "SemanticFPN",
+           "FECSegmenter", "FECBackboneWithFPN", "shapes_segmentation", "iou_per_class", "segmentation_loss",
+           "train_segmentation"]
 
 #: Classes of the ``shapes`` segmentation task: background, then the shapes.
 SEG_CLASSES = ("background",) + tuple(SHAPE_CLASSES)
@@ -230,78 +229,82 @@ class FECBackboneWithFPN(nn.Module):
         return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(feats)))
 
 
-# ---------------------------------------------------------------------------- data
-def segmentation_targets(labels: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Per-pixel classes from ``make_shapes``: ``labels [n]``, ``masks [n, H, W]`` bool ->
-    long ``[n, H, W]`` with 0 for background and ``1 + label`` on the shape."""
-    if labels.ndim != 1 or masks.ndim != 3 or masks.shape[0] != labels.shape[0]:
-        raise ValueError(f"expected labels [n] and masks [n, H, W], got {tuple(labels.shape)} and {tuple(masks.shape)}")
-    return torch.where(masks.bool(), labels.long()[:, None, None] + 1, torch.zeros((), dtype=torch.long))
+# ---------------------------------------------------------------------------- data, metric, training
+def shapes_segmentation(n_train: int = 1000, n_val: int = 200, size: int = 64, seed: int = 0):
+    """The ``shapes`` segmentation task: ``(train, val)`` datasets of ImageNet-normalized images
+    ``[3, size, size]`` and per-pixel classes ``[size, size]`` (0 background, ``1 + label`` on the
+    shape: :data:`SEG_CLASSES`), built from :func:`fec_core.data.make_shapes`'s masks by
+    :func:`fec_core.data.shapes_datasets` (``target='mask'``). Deterministic from ``seed``."""
+    from .data import shapes_datasets
+
+    return shapes_datasets(n_train, n_val, size, seed, target="mask")
 
 
-def shapes_segmentation(n: int, size: int = 64, seed: int = 0, normalized: bool = True) -> TensorDataset:
-    """The ``shapes`` segmentation task: ``TensorDataset`` of images ``[3, size, size]``
-    (ImageNet-normalized unless ``normalized=False``) and targets ``[size, size]`` in
-    ``0..len(SEG_CLASSES) - 1`` (see :data:`SEG_CLASSES`). Deterministic from ``seed``."""
-    images, labels, masks = make_shapes(n, size, seed)
-    return TensorDataset(normalize(images) if normalized else images, segmentation_targets(labels, masks))
-
-
-# ---------------------------------------------------------------------------- metric
-def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
-                     ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """``[K, K]`` pixel counts, row = true class, column = predicted class.
-
-    ``pred``: classes ``[B, H, W]`` or logits ``[B, K, H, W]``; ``target``: ``[B, H, W]``.
-    Pixels whose target is ``ignore_index`` are skipped.
-    """
-    if pred.ndim == target.ndim + 1:
-        pred = pred.argmax(1)
-    if pred.shape != target.shape:
-        raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
-    keep = target != ignore_index
-    t, p = target[keep].long(), pred[keep].long()
-    if t.numel() and (t.min() < 0 or t.max() >= num_classes or p.min() < 0 or p.max() >= num_classes):
-        raise ValueError(f"classes must lie in 0..{num_classes - 1} (or be {ignore_index} in the target)")
-    return torch.bincount(t * num_classes + p, minlength=num_classes ** 2).reshape(num_classes, num_classes)
-
-
-def iou_per_class(conf: torch.Tensor) -> torch.Tensor:
-    """Intersection over union per class from a confusion matrix: ``TP / (TP + FP + FN)``;
-    NaN for a class that is neither present nor predicted."""
-    conf = conf.double()
+def iou_per_class(confusion: torch.Tensor) -> torch.Tensor:
+    """IoU of every class from a confusion matrix ``[K, K]`` (row: true, column: predicted),
+    ``TP / (TP + FP + FN)``; NaN for a class neither present nor predicted. The mean over the
+    non-NaN entries is the mIoU of :class:`fec_core.train.MeanIoU` (its ``state['confusion']``)."""
+    conf = confusion.double()
     tp = conf.diag()
     union = conf.sum(0) + conf.sum(1) - tp
     return torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
 
 
-def mean_iou(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> float:
-    """mIoU: the mean of :func:`iou_per_class` over the classes that occur (NaNs skipped)."""
-    return float(iou_per_class(confusion_matrix(pred, target, num_classes, ignore_index)).nanmean())
-
-
-class MeanIoU:
-    """Accumulates a confusion matrix over batches (mIoU is not a mean of batch mIoUs).
-
-    ``update(logits_or_classes, target)`` then ``compute()`` -> ``{'miou', 'pixel_acc', 'iou'}``.
-    """
-
-    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX):
-        self.num_classes, self.ignore_index = num_classes, ignore_index
-        self.reset()
-
-    def reset(self) -> None:
-        self.conf = torch.zeros(self.num_classes, self.num_classes, dtype=torch.long)
-
-    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
-        self.conf += confusion_matrix(pred.detach().cpu(), target.cpu(), self.num_classes, self.ignore_index)
-
-    def compute(self) -> Dict[str, object]:
-        iou = iou_per_class(self.conf)
-        total = self.conf.sum().clamp(min=1)
-        return {"miou": float(iou.nanmean()), "pixel_acc": float(self.conf.diag().sum() / total), "iou": iou}
-
-
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-pixel cross-entropy, ``logits [B, K, H, W]``, ``target [B, H, W]`` (``IGNORE_INDEX`` skipped)."""
+    """Per-pixel cross-entropy, ``logits [B, K, H, W]``, ``target [B, H, W]`` long
+    (pixels equal to :data:`IGNORE_INDEX` are skipped)."""
+    if logits.ndim != 4 or target.shape != (logits.shape[0], *logits.shape[2:]):
+        raise ValueError(f"expected logits [B, K, H, W] and target [B, H, W], got {tuple(logits.shape)} "
+                         f"and {tuple(target.shape)}")
     return F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)
+
+
+#: A CPU recipe for ``shapes`` segmentation (fields of :class:`fec_core.train.TrainConfig`).
+SEG_RECIPE = dict(dataset="shapes", shapes_target="mask", model="fec_tiny", img_size=64, train_samples=1000,
+                  val_samples=200, epochs=6, batch_size=32, lr=2e-3, warmup_epochs=1, weight_decay=0.01,
+                  augment=False)
+
+
+def train_segmentation(cfg=None, model: Optional[nn.Module] = None, train_set=None, val_set=None,
+                       setting: Optional[str] = None, progress: bool = True, **overrides):
+    """Train a segmenter with :func:`fec_core.train.fit` (the training loop of chapter 10).
+
+    ``cfg``: a :class:`~fec_core.train.TrainConfig` (default: :data:`SEG_RECIPE` updated by
+    ``overrides``). ``model``: default ``FECSegmenter(timm.create_model(cfg.model,
+    features_only=True), len(SEG_CLASSES))`` (``setting``: the center grids, e.g. ``'seg'``; default:
+    the model name's, ``'cls'`` for ``fec_tiny``). ``train_set`` / ``val_set``:
+    default :func:`shapes_segmentation` with ``cfg``'s sizes and seed. The loss is
+    :func:`segmentation_loss`, the metric :class:`fec_core.train.MeanIoU` (``'miou'`` picks the
+    best epoch). Returns fit's :class:`~fec_core.train.FitResult` (``.model``, ``.history`` with
+    ``val_miou`` and ``val_pixel_acc`` per epoch).
+    """
+    import timm
+
+    from .train import MeanIoU, TrainConfig, fit
+
+    if cfg is None:
+        cfg = TrainConfig(**{**SEG_RECIPE, **overrides})
+    elif overrides:
+        raise ValueError("pass either a TrainConfig or keyword overrides, not both")
+    if train_set is None or val_set is None:
+        if cfg.dataset != "shapes":
+            raise ValueError(f"train_segmentation builds only the 'shapes' task; for {cfg.dataset!r} pass "
+                             "train_set and val_set yielding (image [3, H, W], classes [H, W])")
+        tr, va = shapes_segmentation(cfg.train_samples, cfg.val_samples, cfg.img_size, cfg.seed)
+        train_set = tr if train_set is None else train_set
+        val_set = va if val_set is None else val_set
+    target = train_set[0][1]
+    if not (isinstance(target, torch.Tensor) and target.ndim == 2):
+        raise ValueError(f"segmentation targets must be per-pixel class maps [H, W], got "
+                         f"{tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__}")
+    classes = getattr(train_set, "classes", None)
+    num_classes = cfg.num_classes or (len(classes) if classes else None) or getattr(model, "num_classes", None)
+    if not num_classes:
+        raise ValueError("cannot tell the number of classes: set cfg.num_classes or give the dataset .classes")
+    if model is None:
+        torch.manual_seed(cfg.seed)
+        kwargs = {} if setting is None else {"setting": setting}
+        backbone = timm.create_model(cfg.model, features_only=True, drop_path_rate=cfg.drop_path, **kwargs)
+        model = FECSegmenter(backbone, num_classes)
+    return fit(cfg, model=model, train_set=train_set, val_set=val_set, loss_fn=segmentation_loss,
+               metric=MeanIoU(num_classes), progress=progress)

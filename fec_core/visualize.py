@@ -1,0 +1,313 @@
+"""Drawing FEC's clusters (book chapter 11), and the ``fec-visualize`` command.
+
+Figures in the spirit of the paper's Figure 3: the image, then one small panel per
+clustering layer with every pixel painted by its cluster (traced to the pixels by
+:mod:`fec_core.interpret`), then the final representatives merged into ``k``
+regions. No legends, no axes; colors are consistent across panels:
+
+* ``color="mean"``: a cluster is painted with the mean image color of its pixels (the
+  cluster's "representative as a color"), so the same pixels get the same color in
+  every panel where they stay together; cluster boundaries are drawn as thin lines.
+* ``color="palette"``: a fixed palette, each panel's labels renumbered to best match
+  the previous panel's (:func:`fec_core.interpret.match_labels`).
+
+Command line (any image Pillow reads)::
+
+    python -m fec_core.visualize photo.jpg -o clusters.png
+    python -m fec_core.visualize photo.jpg --model fec_small --checkpoint fec_small.pth --clusters 3 --layers pool -o out.png
+
+Without ``--checkpoint`` the weights are random (the command says so).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import warnings
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .interpret import LayerMap, match_labels
+
+__all__ = ["PALETTE", "mean_colors", "palette_colors", "boundaries", "paint", "plot_layers", "plot_regions",
+           "save_figure", "load_image", "input_multiple", "prepare_image", "build_model", "main"]
+
+#: A fixed palette for region panels (matplotlib's tab10 followed by tab20's light shades).
+PALETTE = np.array([
+    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+    (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (174, 199, 232), (255, 187, 120),
+    (152, 223, 138), (255, 152, 150), (197, 176, 213), (196, 156, 148), (247, 182, 210), (199, 199, 199),
+    (219, 219, 141), (158, 218, 229)], dtype=np.float32) / 255.0
+
+
+def _np(a) -> np.ndarray:
+    return a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+
+
+def _check(image: np.ndarray, labels: np.ndarray) -> None:
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"image must be [H, W, 3], got {image.shape}")
+    if labels.shape != image.shape[:2]:
+        raise ValueError(f"labels {labels.shape} do not match the image {image.shape[:2]}")
+
+
+def mean_colors(image, labels) -> np.ndarray:
+    """Paint every cluster with the mean color of its pixels: ``image`` ``[H, W, 3]`` in [0, 1],
+    ``labels`` ``[H, W]`` (any integers) -> ``[H, W, 3]``."""
+    image, labels = _np(image).astype(np.float32), _np(labels)
+    _check(image, labels)
+    _, inv = np.unique(labels, return_inverse=True)
+    inv = inv.reshape(-1)
+    counts = np.bincount(inv).astype(np.float32)
+    means = np.stack([np.bincount(inv, weights=image[..., c].reshape(-1)) for c in range(3)], 1) / counts[:, None]
+    return means[inv].reshape(image.shape).astype(np.float32)
+
+
+def palette_colors(labels, palette: np.ndarray = PALETTE) -> np.ndarray:
+    """Paint label ``j`` with ``palette[j mod len(palette)]``: ``[H, W]`` -> ``[H, W, 3]``."""
+    labels = _np(labels)
+    return palette[np.mod(labels, len(palette))]
+
+
+def boundaries(labels) -> np.ndarray:
+    """Pixels whose right or lower neighbor is in another cluster: ``[H, W]`` -> bool ``[H, W]``."""
+    labels = _np(labels)
+    edge = np.zeros(labels.shape, dtype=bool)
+    edge[:, :-1] |= labels[:, :-1] != labels[:, 1:]
+    edge[:-1, :] |= labels[:-1, :] != labels[1:, :]
+    return edge
+
+
+def paint(image, labels, color: str = "mean", alpha: float = 1.0, edges: bool = True,
+          edge_color: Tuple[float, float, float] = (1.0, 1.0, 1.0)) -> np.ndarray:
+    """One panel: ``labels`` ``[H, W]`` drawn over ``image`` ``[H, W, 3]`` in [0, 1].
+
+    ``color``: ``"mean"`` (each cluster in its mean image color) or ``"palette"``; ``alpha``:
+    opacity of the cluster colors over the image; ``edges``: draw cluster boundaries.
+    Returns ``[H, W, 3]`` in [0, 1].
+    """
+    image, labels = _np(image).astype(np.float32), _np(labels)
+    _check(image, labels)
+    if color == "mean":
+        fill = mean_colors(image, labels)
+    elif color == "palette":
+        fill = palette_colors(labels)
+    else:
+        raise ValueError(f"color must be 'mean' or 'palette', got {color!r}")
+    out = alpha * fill + (1 - alpha) * image
+    if edges:
+        out[boundaries(labels)] = edge_color
+    return np.clip(out, 0, 1)
+
+
+def _grid(n: int, ncols: Optional[int]) -> Tuple[int, int]:
+    ncols = ncols or min(n, max(4, math.ceil(math.sqrt(n * 1.5))))
+    return math.ceil(n / ncols), ncols
+
+
+def _figure(panels: List[Tuple[np.ndarray, str]], ncols: Optional[int], panel_size: float, titles: bool):
+    import matplotlib.pyplot as plt
+
+    rows, cols = _grid(len(panels), ncols)
+    h, w = panels[0][0].shape[:2]
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * panel_size, rows * panel_size * h / w + 0.25 * rows * titles),
+                             squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, (img, title) in zip(axes.ravel(), panels):
+        ax.imshow(img, interpolation="nearest")
+        if titles:
+            ax.set_title(title, fontsize=8, pad=2)
+    fig.subplots_adjust(left=0.005, right=0.995, bottom=0.005, top=0.995 - 0.04 * titles, wspace=0.03,
+                        hspace=0.12 * titles + 0.03)
+    return fig
+
+
+def plot_layers(image, maps: Sequence[LayerMap], regions=None, index: int = 0, color: str = "mean",
+                edges: bool = True, ncols: Optional[int] = None, panel_size: float = 1.8, titles: bool = True):
+    """The compact figure: the image, one panel per layer map, then (optionally) the merged regions.
+
+    ``image`` ``[H, W, 3]`` in [0, 1]; ``maps``: :class:`~fec_core.interpret.LayerMap` s (e.g.
+    :func:`fec_core.interpret.select_layers` of :func:`fec_core.interpret.trace_clusters`);
+    ``index``: which image of the batch; ``regions``: ``[B, H, W]`` from
+    :func:`fec_core.interpret.merge_regions` (drawn in the palette). Returns a matplotlib Figure.
+    """
+    image = _np(image).astype(np.float32)
+    panels = [(image, "image")]
+    prev = None
+    for m in maps:
+        lab = _np(m.labels[index])
+        if color == "palette":
+            lab = lab if prev is None else match_labels(lab, prev)
+            prev = lab
+        panels.append((paint(image, lab, color=color, edges=edges), m.title))
+    if regions is not None:
+        reg = _np(regions[index])
+        k = int(reg.max()) + 1
+        panels.append((paint(image, reg, color="palette", alpha=0.65, edges=edges), f"k-means, k={k}"))
+    return _figure(panels, ncols, panel_size, titles)
+
+
+def plot_regions(image, regions: Sequence, titles: Optional[Sequence[str]] = None, alpha: float = 0.65,
+                 panel_size: float = 2.2, ncols: Optional[int] = None):
+    """Several region maps ``[H, W]`` (e.g. k-means merges for several ``k``) over one image,
+    colors matched from panel to panel (a region keeps its color when ``k`` grows)."""
+    image = _np(image).astype(np.float32)
+    panels, prev = [(image, "image")], None
+    for i, reg in enumerate(regions):
+        reg = _np(reg)
+        reg = reg if prev is None else match_labels(reg, prev)
+        prev = reg
+        title = titles[i] if titles is not None else f"k={len(np.unique(reg))}"
+        panels.append((paint(image, reg, color="palette", alpha=alpha), title))
+    return _figure(panels, ncols or len(panels), panel_size, True)
+
+
+def save_figure(fig, path: str, dpi: int = 150) -> str:
+    """Save ``fig`` as PNG (creating the folder) and close it; returns the path."""
+    import matplotlib.pyplot as plt
+
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fig.savefig(path, dpi=dpi, format="png")
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------- command line
+def load_image(path: str) -> np.ndarray:
+    """Any image Pillow reads, as RGB ``[H, W, 3]`` float in [0, 1]; clear errors otherwise."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"image file not found: {path}")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a folder, not an image file")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise ValueError(f"cannot read image {path}: not an image Pillow can open ({e})") from e
+
+
+def input_multiple(model) -> int:
+    """The smallest ``m`` such that every ``H`` divisible by ``m`` passes all of ``model``'s
+    layers (stem stride 4, pooling by 2 per stage, fold regions of even size)."""
+    folds = [m.fold for m in model.clustering_layers()]
+    need = 4 * 2 ** (len(model.stages) - 1)
+    for mult in range(need, need * 64 + 1, need):
+        ok = True
+        for layer in model.clustering_layers():
+            stage = int(layer.name.split(".")[1])
+            size = mult // (4 * 2 ** stage)
+            f = max(layer.fold)
+            if layer.kind == "pool":
+                ok &= (2 * size) % (2 * f) == 0
+            else:
+                ok &= size % f == 0
+        if ok:
+            return mult
+    raise ValueError(f"no input size fits the folds {folds}")
+
+
+def prepare_image(image: np.ndarray, size: int, multiple: int) -> np.ndarray:
+    """Resize so the shorter side is about ``size`` and both sides are multiples of ``multiple``
+    (aspect ratio kept up to that rounding). ``[H, W, 3]`` -> ``[H', W', 3]``."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    scale = size / min(h, w)
+    nh = max(multiple, int(round(h * scale / multiple)) * multiple)
+    nw = max(multiple, int(round(w * scale / multiple)) * multiple)
+    img = Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8))
+    return np.asarray(img.resize((nw, nh), Image.BICUBIC), dtype=np.float32) / 255.0
+
+
+def build_model(name: str, checkpoint: Optional[str] = None):
+    """An FEC variant, with ``checkpoint`` loaded if given (the classifier size is taken
+    from the checkpoint). Returns ``(model, message)``; errors are clear exceptions."""
+    import timm
+
+    from . import create_model
+    from .checkpoint import check_state_dict, read_state_dict
+
+    names = timm.list_models("fec_*")
+    if name not in names:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(names)}")
+    if checkpoint is None:
+        return create_model(name), (f"no --checkpoint given: {name} has RANDOM weights; the clusters show "
+                                    f"how an untrained network groups pixels, not learned features")
+    sd = read_state_dict(checkpoint)  # FileNotFoundError / CheckpointError with clear messages
+    num_classes = int(sd["head.weight"].shape[0]) if "head.weight" in sd else 0
+    model = create_model(name, num_classes=num_classes)
+    from .checkpoint import CheckpointError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sd = check_state_dict(model, sd)
+    except CheckpointError as e:
+        raise CheckpointError(f"checkpoint {checkpoint} does not fit {name}: {e}") from e
+    model.load_state_dict(sd, strict=False)
+    return model, f"loaded {checkpoint} into {name}"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m fec_core.visualize",
+        description="Draw FEC's clusters at every layer over an image (book chapter 11).")
+    p.add_argument("image", help="an image file (anything Pillow reads: JPEG, PNG, ...)")
+    p.add_argument("--model", default="fec_small", help="FEC variant (default fec_small)")
+    p.add_argument("--checkpoint", default=None, help="weights to load (official or fec_core); random if omitted")
+    p.add_argument("--clusters", type=int, default=3, help="k: merge the final representatives into k regions "
+                                                            "with k-means (0: no merge panel)")
+    p.add_argument("--layers", default="all", help="'all', 'pool' (the pooling hierarchy), 'encode', or "
+                                                  "comma-separated layer positions / names")
+    p.add_argument("--head", type=int, default=0, help="encode head to draw (default 0; -1: all heads)")
+    p.add_argument("--size", type=int, default=224, help="shorter image side fed to the model (default 224)")
+    p.add_argument("--color", choices=("mean", "palette"), default="mean", help="cluster colors (default mean)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and of k-means")
+    p.add_argument("-o", "--output", default="clusters.png", help="PNG to write (default clusters.png)")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``python -m fec_core.visualize`` / ``fec-visualize``; returns the exit code."""
+    args = _parser().parse_args(argv)
+    from .checkpoint import CheckpointError
+    from .data import normalize
+    from .interpret import merge_regions, select_layers, trace_clusters
+
+    try:
+        if args.size < 32:
+            raise ValueError(f"--size must be at least 32, got {args.size}")
+        image = load_image(args.image)
+        torch.manual_seed(args.seed)
+        model, message = build_model(args.model, args.checkpoint)
+        print(message)
+        model.eval()
+        x_img = prepare_image(image, args.size, input_multiple(model))
+        x = normalize(torch.from_numpy(x_img).permute(2, 0, 1).unsqueeze(0))
+        _, maps, feats = trace_clusters(model, x)
+        shown = select_layers(maps, args.layers, head=None if args.head < 0 else args.head)
+        regions = None
+        if args.clusters > 0:
+            last = [m for m in maps if m.kind in ("stem", "pool")][-1]
+            regions = merge_regions(feats[-1], last.labels, min(args.clusters, last.num_clusters), seed=args.seed)
+        fig = plot_layers(x_img, shown, regions, color=args.color)
+        save_figure(fig, args.output)
+    except (FileNotFoundError, IsADirectoryError, ValueError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    h, w = x_img.shape[:2]
+    print(f"{args.image}: {w}x{h} input, {len(shown)} layer panels"
+          f"{f', k-means k={args.clusters}' if regions is not None else ''} -> {args.output}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,317 @@
+"""The book as a whole: table of contents, Colab install cells, stand-alone notebooks, the site.
+
+* ``_toc.yml`` lists exactly the notebooks in ``book/`` (and nothing that does not exist);
+* every notebook's first code cell is the Colab install cell, pointing at the repository set
+  in ``_config.yml`` (the one place the address is written);
+* every ``{cite}`` key is in ``references.bib``;
+* (slow) every notebook, copied ALONE into an empty folder, executes with ``fec_core``
+  installed, as in Colab, and writes no file next to itself;
+* (slow, browser) the site builds from the stored outputs with warnings as errors, and every
+  chapter page, opened in headless Debian chromium, loads without console errors, has its
+  math typeset by MathJax, its figures loaded and its Colab launch button. A screenshot of
+  one chapter is saved to ``_build/screenshot.png``.
+"""
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+BOOK = ROOT / "book"
+NOTEBOOKS = sorted(BOOK.glob("*.ipynb"))
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+SCREENSHOT = ROOT / "_build" / "screenshot.png"
+SCREENSHOT_PAGE = "book/02_points"
+INSTALL_COMMENT = "# Colab: install fec_core from the repository (does nothing elsewhere)"
+
+
+# FEC_BOOK_TOC=/path/toc.yml builds and checks the site for another table of contents (a subset
+# of the chapters while others are being written); the toc tests always check _toc.yml.
+SITE_TOC = Path(os.environ["FEC_BOOK_TOC"]).resolve() if os.environ.get("FEC_BOOK_TOC") else ROOT / "_toc.yml"
+
+
+def _config() -> dict:
+    return yaml.safe_load((ROOT / "_config.yml").read_text())
+
+
+def _toc_entries(toc_path: Path = ROOT / "_toc.yml") -> list:
+    """Every page of a jb-book table of contents (root first), as paths without suffix, in order."""
+    toc = yaml.safe_load(toc_path.read_text())
+    entries = [toc["root"]]
+
+    def walk(node):
+        if isinstance(node, dict):
+            if "file" in node:
+                entries.append(node["file"])
+            for key in ("parts", "chapters", "sections"):
+                walk(node.get(key))
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(toc)
+    return [re.sub(r"\.(ipynb|md)$", "", e) for e in entries]
+
+
+def _first_code_cell(nb):
+    return next(c for c in nb.cells if c.cell_type == "code")
+
+
+def _markdown(nb) -> str:
+    return "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+
+
+def _without_code_blocks(md: str) -> str:
+    return re.sub(r"^(```|~~~).*?^\1", "", md, flags=re.M | re.S)
+
+
+def _stored_images(nb) -> int:
+    return sum("image/png" in out.get("data", {}) or "image/jpeg" in out.get("data", {}) or
+               "image/svg+xml" in out.get("data", {})
+               for c in nb.cells if c.cell_type == "code" for out in c.outputs)
+
+
+# --------------------------------------------------------------------------- static checks
+def test_book_has_chapters():
+    assert NOTEBOOKS, f"no notebooks in {BOOK}"
+
+
+def test_config_sets_the_site_up():
+    cfg = _config()
+    assert cfg["execute"]["execute_notebooks"] == "off"            # the site renders stored outputs
+    assert cfg["only_build_toc_files"] is True
+    url = cfg["repository"]["url"]
+    assert re.fullmatch(r"https://github\.com/[\w.-]+/[\w.-]+", url), url
+    assert cfg["repository"]["branch"] == "main"
+    assert "colab.research.google.com" in cfg["launch_buttons"]["colab_url"]
+    assert cfg["html"]["use_repository_button"] is True
+    for bib in cfg["bibtex_bibfiles"]:
+        assert (ROOT / bib).is_file(), bib
+
+
+def test_toc_lists_exactly_the_notebooks():
+    entries = _toc_entries()
+    assert len(entries) == len(set(entries)), f"duplicate pages in _toc.yml: {entries}"
+    for e in entries:
+        assert (ROOT / f"{e}.ipynb").is_file() or (ROOT / f"{e}.md").is_file(), f"_toc.yml lists {e}, which does not exist"
+    listed = {e for e in entries if (ROOT / f"{e}.ipynb").is_file()}
+    present = {str(p.relative_to(ROOT).with_suffix("")) for p in NOTEBOOKS}
+    assert listed == present, (f"notebooks missing from _toc.yml: {sorted(present - listed)}; "
+                               f"listed but absent: {sorted(listed - present)}")
+    chapters = [e for e in entries if (ROOT / f"{e}.ipynb").is_file()]
+    assert chapters == sorted(chapters), "chapters are listed out of their numbered order"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_first_code_cell_is_the_colab_install_cell(path):
+    nb = nbformat.read(path, as_version=4)
+    cell = _first_code_cell(nb)
+    lines = cell.source.strip().splitlines()
+    assert lines[0] == INSTALL_COMMENT, f"{path.name}: first code cell is not the Colab install cell:\n{cell.source}"
+    assert 'find_spec("google.colab")' in cell.source, "the install must only run in Colab"
+    m = re.search(r'%pip install -q "fec-core @ git\+(\S+?)"', cell.source)
+    assert m, f"{path.name}: no `%pip install -q \"fec-core @ git+URL\"` in the first code cell"
+    assert m.group(1) == _config()["repository"]["url"] + ".git", \
+        f"{path.name} installs from {m.group(1)}, _config.yml says {_config()['repository']['url']}"
+    assert not cell.outputs, f"{path.name}: the install cell printed something outside Colab: {cell.outputs}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_has_one_title_and_valid_citations(path):
+    nb = nbformat.read(path, as_version=4)
+    md = _markdown(nb)
+    titles = re.findall(r"^# \S", _without_code_blocks(md), flags=re.M)
+    assert len(titles) == 1, f"{path.name}: {len(titles)} H1 titles (need exactly one)"
+    first_md = next(c for c in nb.cells if c.cell_type == "markdown")
+    assert first_md.source.lstrip().startswith("# "), f"{path.name}: the first cell must start with the title"
+    keys = set(re.findall(r"@\w+\{([^,\s]+),", (ROOT / "references.bib").read_text()))
+    cited = {k.strip() for group in re.findall(r"\{cite(?::\w+)?\}`([^`]+)`", md) for k in group.split(",")}
+    assert cited <= keys, f"{path.name} cites keys missing from references.bib: {sorted(cited - keys)}"
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert "tests/data" not in cell.source and "../" not in cell.source, \
+                f"{path.name} reads a repository file, which Colab does not have:\n{cell.source[:300]}"
+
+
+# --------------------------------------------------------------------------- stand-alone execution
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs_alone(path, tmp_path):
+    """The Colab situation: only the notebook file exists, fec_core is installed."""
+    from nbclient import NotebookClient
+
+    alone = tmp_path / path.name
+    shutil.copy(path, alone)
+    nb = nbformat.read(alone, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs = []
+    env_path = os.environ.get("PYTHONPATH", "")
+    assert str(ROOT) not in env_path.split(os.pathsep), "PYTHONPATH must not point into the repository"
+    NotebookClient(nb, timeout=900, kernel_name="python3",
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name not in (path.name, ".ipynb_checkpoints"))
+    assert not left, f"{path.name} wrote files next to itself (use a temporary directory): {left}"
+
+
+# --------------------------------------------------------------------------- the site in a browser
+def _browser_available() -> bool:
+    return CHROMIUM.exists() and CHROMEDRIVER.exists()
+
+
+def _ensure_browser() -> None:
+    """Install chromium with scripts/ensure-browser.sh if missing (root + apt-get), else skip."""
+    if _browser_available():
+        return
+    script = ROOT / "scripts" / "ensure-browser.sh"
+    if script.exists() and hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get"):
+        subprocess.run(["bash", str(script)], check=False, timeout=900)
+    if not _browser_available():
+        pytest.skip(f"{CHROMIUM} / {CHROMEDRIVER} are absent and could not be installed "
+                    "(needs root and apt-get: apt-get install chromium chromium-driver)")
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """Build the site from the stored outputs (warnings are errors) and serve it on 127.0.0.1."""
+    _ensure_browser()
+    out = tmp_path_factory.mktemp("site")
+    env = dict(os.environ, PYDEVD_DISABLE_FILE_VALIDATION="1")
+    cmd = [sys.executable, "-m", "fec_core.bookbuild", "build", "--out", str(out)]
+    if SITE_TOC != ROOT / "_toc.yml":
+        cmd += ["--toc", str(SITE_TOC)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        pytest.fail(f"the site build failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-6000:]}")
+    html = out / "_build" / "html"
+    assert (html / "index.html").is_file()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(html)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="module")
+def browser(site, tmp_path_factory):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1280,1600",
+                f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
+    driver.set_page_load_timeout(120)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _wait(driver, condition_js: str, timeout: float = 60.0) -> bool:
+    end = time.time() + timeout
+    while time.time() < end:
+        if driver.execute_script(condition_js):
+            return True
+        time.sleep(0.25)
+    return False
+
+
+PAGES = [e for e in _toc_entries(SITE_TOC) if (ROOT / f"{e}.ipynb").is_file()] if SITE_TOC.exists() else []
+
+UNTYPESET_MATH = ("return Array.from(document.querySelectorAll('span.math, div.math'))"
+                  ".filter(e => !e.querySelector('mjx-container')).length;")
+ALL_TYPESET = UNTYPESET_MATH.replace("return ", "return 0 === ", 1)
+IMAGES = ("return Array.from(document.querySelectorAll('.cell_output img'))"
+          ".map(i => [i.getAttribute('src'), i.complete, i.naturalWidth]);")
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+@pytest.mark.timeout(2400)
+@pytest.mark.parametrize("page", PAGES)
+def test_chapter_page_in_browser(page, site, browser):
+    nb = nbformat.read(ROOT / f"{page}.ipynb", as_version=4)
+    browser.get_log("browser")  # forget what earlier pages logged
+    browser.get(f"{site}/{page}.html")
+    assert _wait(browser, "return document.readyState === 'complete';"), f"{page}: the page did not finish loading"
+    problems = []
+
+    # the math: every math element typeset by MathJax (and a page whose text has math has math elements)
+    n_math = browser.execute_script("return document.querySelectorAll('span.math, div.math').length;")
+    if "$" in _markdown(nb) and n_math == 0:
+        problems.append("the notebook has $...$ math but the page has no math elements")
+    if n_math:
+        if not _wait(browser, ALL_TYPESET):
+            problems.append(f"{browser.execute_script(UNTYPESET_MATH)} of {n_math} math elements not typeset by MathJax")
+        errors = browser.execute_script("return Array.from(document.querySelectorAll('mjx-merror'))"
+                                        ".map(e => e.getAttribute('data-mjx-error') || e.textContent);")
+        if errors:
+            problems.append(f"MathJax could not typeset: {errors}")
+
+    # the figures: as many loaded images as the notebook stores
+    stored = _stored_images(nb)
+    if stored:
+        _wait(browser, "return Array.from(document.querySelectorAll('.cell_output img')).every(i => i.complete);")
+        images = browser.execute_script(IMAGES)
+        broken = [src for src, complete, width in images if not (complete and width > 0)]
+        if len(images) < stored:
+            problems.append(f"{len(images)} images on the page, the notebook stores {stored}")
+        if broken:
+            problems.append(f"images that did not load: {broken}")
+
+    # the Colab launch button, pointing at this notebook in the repository
+    links = browser.execute_script("return Array.from(document.querySelectorAll('a[href*=\"colab.research.google.com\"]'))"
+                                   ".map(a => a.href);")
+    url = _config()["repository"]["url"].removeprefix("https://github.com/")
+    want = f"https://colab.research.google.com/github/{url}/blob/{_config()['repository']['branch']}/{page}.ipynb"
+    if want not in links:
+        problems.append(f"no Colab launch button to {want} (found {links})")
+
+    # the console: no errors (a missing favicon is not one)
+    severe = [e for e in browser.get_log("browser") if e.get("level") == "SEVERE" and "favicon" not in e.get("message", "")]
+    if severe:
+        problems.append(f"console errors: {[e['message'] for e in severe]}")
+
+    if page == SCREENSHOT_PAGE:
+        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        assert browser.save_screenshot(str(SCREENSHOT)), "could not save the screenshot"
+    assert not problems, f"{page}:\n  " + "\n  ".join(problems)
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_bibliography_page_in_browser(site, browser):
+    browser.get(f"{site}/book/bibliography.html")
+    assert _wait(browser, "return document.readyState === 'complete';")
+    entries = browser.execute_script("return document.querySelectorAll('[role=\"doc-biblioentry\"], .citation').length;")
+    keys = re.findall(r"^@\w+\{", (ROOT / "references.bib").read_text(), flags=re.M)
+    assert entries >= len(keys), f"the bibliography page shows {entries} entries, references.bib has {len(keys)}"
+    severe = [e for e in browser.get_log("browser") if e.get("level") == "SEVERE" and "favicon" not in e.get("message", "")]
+    assert not severe, f"console errors: {[e['message'] for e in severe]}"
