@@ -7,6 +7,14 @@
 
 Importing ``fec_core`` registers the variants with timm.
 """
+import warnings as _warnings
+
+# timm imports huggingface_hub, which imports tqdm.auto: inside Jupyter without ipywidgets that
+# prints "IProgress not found" on stderr at import. fec_core's own bars do not need widgets.
+with _warnings.catch_warnings():
+    _warnings.filterwarnings("ignore", message="IProgress not found")
+    import timm as _timm  # noqa: F401
+
 from . import clustering
 from .checkpoint import CheckpointError, load_checkpoint, read_state_dict
 from .clustering import (aggregate, aggregate_dense, assign, assign_nearest, centers, cluster_encode,

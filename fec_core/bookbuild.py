@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -118,14 +119,16 @@ def _toc_files(toc: Path) -> set:
     """Every ``file:`` entry (and the root) of a jb-book table of contents, without suffix."""
     import yaml
 
+    def stem(entry) -> str:
+        return re.sub(r"\.(ipynb|md)$", "", str(entry))
+
     data = yaml.safe_load(toc.read_text())
-    found = {str(data.get("root", "")).rsplit(".", 1)[0]} if isinstance(data, dict) else set()
+    found = {stem(data["root"])} if isinstance(data, dict) and "root" in data else set()
 
     def walk(node):
         if isinstance(node, dict):
             if "file" in node:
-                found.add(str(node["file"]).rsplit(".", 1)[0] if str(node["file"]).endswith((".ipynb", ".md"))
-                          else str(node["file"]))
+                found.add(stem(node["file"]))
             for v in node.values():
                 walk(v)
         elif isinstance(node, list):

@@ -302,50 +302,25 @@ def dispatch_dense(representatives: torch.Tensor, weights: torch.Tensor) -> torc
 # convolution wants (no transpose copy). Public aggregate() / dispatch() keep the
 # points-first [B, N, D] form of the book's chapters 6 and 7.
 
-def _gated_assign(center_keys: torch.Tensor, point_keys: torch.Tensor, alpha: torch.Tensor,
-                  beta: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``assign(gate(similarity(center_keys, point_keys), alpha, beta))`` (Eq. 5 of encode
-    layers) -> ``(best [B, N], index [B, N])``, the same numbers. On CPU it runs over
-    chunks of points so that the ``[B, M, n]`` scores of a chunk stay in cache while
-    they are gated and reduced (on CUDA one pass: fewer kernel launches)."""
-    b, m, _ = center_keys.shape
-    n = point_keys.shape[1]
-    step = n if point_keys.is_cuda else max(_MIN_TILE, _CPU_TILE // (4 * b * m))
-    if step >= n:
-        return assign(gate(similarity(center_keys, point_keys), alpha, beta))
-    c = F.normalize(center_keys, dim=-1)
-    best, index = [], []
-    for s in range(0, n, step):
-        p = F.normalize(point_keys[:, s:s + step], dim=-1)
-        v, i = assign(gate(torch.matmul(c, p.transpose(-2, -1)), alpha, beta))
-        best.append(v)
-        index.append(i)
-    return torch.cat(best, dim=1), torch.cat(index, dim=1)
-
-
-def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Sums of half / bfloat16 values are accumulated in float32 (as a matmul would)."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
 def _aggregate_cf(values: torch.Tensor, center_values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Aggregation (Eq. 6), channels first: ``values`` [B, D, N], ``center_values`` [B, D, M],
     ``index`` [B, N] -> representatives [B, D, M], ``(c_m + sum_{n in m} v_n) / (1 + |m|)``.
 
-    Same numbers as :func:`aggregate` (to float rounding: the sums run in the same
-    order over ``n``); one scatter-add along ``N`` for the sums and one for the
-    counts, no ``[B, M, N]`` mask, no transpose copy.
+    Same numbers as :func:`aggregate` (to float rounding); one scatter-add along ``N``
+    for the sums and one for the counts, no ``[B, M, N]`` mask, no transpose copy.
+    Half and bfloat16 values are summed in float32 (as a matmul would accumulate them)
+    and the result is returned in the values' type.
     """
     b, d, m = center_values.shape
-    acc = _accumulate_dtype(values.dtype)
-    src = values.to(acc)
+    half = values.dtype in (torch.float16, torch.bfloat16)
+    src = values.float() if half else values
     if _BACKEND == "torch_scatter":
         sums = _ts_scatter_sum(src, index.unsqueeze(1), dim=2, dim_size=m)
     else:
         sums = src.new_zeros(b, d, m).scatter_add_(2, index.unsqueeze(1).expand(-1, d, -1), src)
     counts = src.new_zeros(b, m).scatter_add_(1, index, src.new_ones(()).expand(index.shape))
-    reps = (sums + center_values.to(acc)) / (counts.unsqueeze(1) + 1.0)
-    return reps.to(torch.result_type(values, center_values))
+    reps = (sums + center_values) / (counts.unsqueeze(1) + 1.0)
+    return reps.to(values.dtype) if half else reps
 
 
 def _dispatch_cf(representatives: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -368,15 +343,14 @@ def cluster_encode(keys: torch.Tensor, values: torch.Tensor, alpha: torch.Tensor
     ``[B, D, N]`` tensor (so ``out.transpose(1, 2)`` is contiguous, chapter 12).
     """
     ck_map, cv_map = centers(keys, grid), centers(values, grid)
+    scores = gate(similarity(to_points(ck_map), to_points(keys)), alpha, beta)  # [B, M, N], M small
+    best, index = assign(scores)
     if literal:
-        scores = gate(similarity(to_points(ck_map), to_points(keys)), alpha, beta)  # [B, M, N]
-        best, index = assign(scores)
         pv, cv = to_points(values), to_points(cv_map)
         mask = one_hot(index, cv.shape[1], scores.dtype)
         reps = aggregate_dense(pv, cv, mask)
         return dispatch_dense(reps, scores * mask), index
     # fast path, channels first: [B, D, N] views, no mask, no [B, M, N, D] product
-    best, index = _gated_assign(to_points(ck_map), to_points(keys), alpha, beta)
     reps = _aggregate_cf(values.flatten(2), cv_map.flatten(2), index)  # [B, D, M]
     out = _dispatch_cf(reps, index, best)  # [B, D, N]
     return out.transpose(1, 2), index  # [B, N, D] view of a channels-first tensor

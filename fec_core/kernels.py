@@ -15,10 +15,11 @@ also runs the kernel on CPU tensors, which only works in Triton's interpreter
 (``TRITON_INTERPRET=1`` set before Python starts): that is how the tests check the
 kernel on a machine without a GPU.
 
-Precision: float32 inputs are multiplied in full float32 (``input_precision="ieee"``,
-no TF32), half and bfloat16 inputs with float32 accumulation and the result rounded
-to the input's type before the comparison, as a half-precision ``matmul`` followed by
-``max`` would round it. Ties go to the lowest center index, like ``torch.max``. The
+Precision: the products are summed in full float32 (``input_precision="ieee"``, no
+TF32); half and bfloat16 inputs are widened to float32 first (their products are
+exact there) and each similarity is rounded back to the input's type before the
+comparison, as a half-precision ``matmul`` followed by ``max`` would round it (this
+gives up tensor cores for a kernel that is memory-bound anyway). Ties go to the lowest center index, like ``torch.max``. The
 kernel sums the ``C`` products in its own order, so on an exact near-tie (two centers
 within one rounding step) it may pick the other center than cuBLAS would; NaN
 inputs are not handled (keys are normalized with a clamped norm, so none arise).
@@ -88,7 +89,7 @@ if HAS_TRITON:
                               stride_cb, stride_cm, stride_cc,
                               stride_pb, stride_pn, stride_pc,
                               stride_ob, stride_on,
-                              ROUND_TO_INPUT: tl.constexpr, IEEE: tl.constexpr,
+                              ROUND_TO_INPUT: tl.constexpr,
                               BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
         """One program: BLOCK_N points of batch element ``b`` against all M centers."""
         pid_n = tl.program_id(0)
@@ -104,13 +105,13 @@ if HAS_TRITON:
             for c0 in range(0, C, BLOCK_C):
                 offs_c = c0 + offs_c0
                 pt = tl.load(p_ptr + b * stride_pb + offs_n[:, None] * stride_pn + offs_c[None, :] * stride_pc,
-                             mask=(offs_n[:, None] < N) & (offs_c[None, :] < C), other=0.0)
+                             mask=(offs_n[:, None] < N) & (offs_c[None, :] < C), other=0.0).to(tl.float32)
                 ct = tl.load(c_ptr + b * stride_cb + offs_m[None, :] * stride_cm + offs_c[:, None] * stride_cc,
-                             mask=(offs_m[None, :] < M) & (offs_c[:, None] < C), other=0.0)
-                if IEEE:
-                    acc += tl.dot(pt, ct, input_precision="ieee")
-                else:
-                    acc += tl.dot(pt, ct)
+                             mask=(offs_m[None, :] < M) & (offs_c[:, None] < C), other=0.0).to(tl.float32)
+                # Half inputs are widened: their products are exact in float32, so this is
+                # a half-precision matmul with float32 accumulation (and Triton's CPU
+                # interpreter, which the tests use, gets bfloat16 dots wrong).
+                acc += tl.dot(pt, ct, input_precision="ieee")
             if ROUND_TO_INPUT:  # compare what a half-precision matmul would have stored
                 acc = acc.to(c_ptr.dtype.element_ty).to(tl.float32)
             acc = tl.where(offs_m[None, :] < M, acc, float("-inf"))
@@ -134,7 +135,7 @@ def _launch(c: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         c, p, out, m, n, ch,
         c.stride(0), c.stride(1), c.stride(2), p.stride(0), p.stride(1), p.stride(2),
         out.stride(0), out.stride(1),
-        ROUND_TO_INPUT=c.dtype != torch.float32, IEEE=c.dtype == torch.float32,
+        ROUND_TO_INPUT=c.dtype != torch.float32,
         BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_C=block_c)
     return out
 
