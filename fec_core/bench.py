@@ -26,6 +26,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -33,13 +34,14 @@ import platform
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
 
-__all__ = ["BenchConfig", "Result", "run", "device_name", "peak_cpu_bytes", "literal_dense_bytes",
+__all__ = ["BenchConfig", "Result", "run", "run_cli", "device_name", "peak_cpu_bytes", "literal_dense_bytes",
            "to_markdown", "plot", "main"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -102,13 +104,34 @@ def device_name(device: torch.device) -> str:
     return f"{name} (CPU, {torch.get_num_threads()} threads)"
 
 
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """Silence what native code writes to file descriptor 2 (the profiler's own log lines)."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no real stderr: nothing to silence
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def peak_cpu_bytes(fn: Callable[[], object]) -> Optional[int]:
     """Peak bytes allocated by PyTorch's CPU allocator while ``fn()`` runs, above the level
-    before it, from ``torch.profiler``'s allocation events. ``None`` if unavailable."""
+    before it, from ``torch.profiler``'s allocation events. ``None`` if unavailable.
+    (The profiler's log lines on stderr are silenced while it runs.)"""
     from torch.profiler import ProfilerActivity, profile
     try:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            fn()
+        with _quiet_native_stderr(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                fn()
         events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                   if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
     except Exception:  # private profiler API: report n/a rather than fail
@@ -431,7 +454,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[List[str]] = None) -> dict:
+def run_cli(argv: Optional[List[str]] = None) -> dict:
+    """Parse command-line arguments, run the benchmark, write the files; returns the report."""
     args = _parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -468,5 +492,11 @@ def main(argv: Optional[List[str]] = None) -> dict:
     return report
 
 
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of ``python -m fec_core.bench`` and ``fec-bench``; see :func:`run_cli`."""
+    run_cli(argv)
+    return 0
+
+
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    sys.exit(main())

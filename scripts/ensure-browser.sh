@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Make sure Debian's headless browser for the book's browser test is present
-# (tests/test_book.py::test_site_in_browser): /usr/bin/chromium and /usr/bin/chromedriver.
+# (tests/test_book.py, the tests marked `browser`): /usr/bin/chromium and /usr/bin/chromedriver.
 # Installs the Debian packages `chromium` and `chromium-driver` with apt-get when they are
 # missing and we are root; otherwise says what to do and leaves the test to skip.
 set -euo pipefail

@@ -248,6 +248,18 @@ PAGES = [e for e in _toc_entries(SITE_TOC) if (ROOT / f"{e}.ipynb").is_file()] i
 UNTYPESET_MATH = ("return Array.from(document.querySelectorAll('span.math, div.math'))"
                   ".filter(e => !e.querySelector('mjx-container')).length;")
 ALL_TYPESET = UNTYPESET_MATH.replace("return ", "return 0 === ", 1)
+STRAY_DOLLARS = """
+const root = document.querySelector('article') || document.body;
+const walker = document.createTreeWalker(root, NodeFilter.SHOW_TEXT);
+const found = [];
+while (walker.nextNode()) {
+  const node = walker.currentNode;
+  if (!node.textContent.includes('$')) continue;
+  if (node.parentElement.closest('pre, code, script, style, mjx-container, .cell_output, .highlight')) continue;
+  found.push(node.textContent.trim().slice(0, 80));
+}
+return found;
+"""
 IMAGES = ("return Array.from(document.querySelectorAll('.cell_output img'))"
           ".map(i => [i.getAttribute('src'), i.complete, i.naturalWidth]);")
 
@@ -274,6 +286,9 @@ def test_chapter_page_in_browser(page, site, browser):
                                         ".map(e => e.getAttribute('data-mjx-error') || e.textContent);")
         if errors:
             problems.append(f"MathJax could not typeset: {errors}")
+    stray = browser.execute_script(STRAY_DOLLARS)   # $...$ that MyST did not parse as math
+    if stray:
+        problems.append(f"text with unparsed $ math: {stray}")
 
     # the figures: as many loaded images as the notebook stores
     stored = _stored_images(nb)

@@ -293,6 +293,17 @@ _INTERPRET_SCRIPT = textwrap.dedent(r"""
     rl, jl = cl.cluster_pool(k, v, literal=True)
     assert torch.equal(jf, jl)
     assert torch.allclose(rf, rl, atol=1e-6)
+    # the kernel is a registered custom op: traced into one graph, with and without autocast
+    def pool_amp(k, v):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return cl.cluster_pool(k, v)
+    for fn in (cl.cluster_pool, pool_amp):
+        torch._dynamo.reset()
+        ex = torch._dynamo.explain(fn)(k, v)
+        assert ex.graph_count == 1 and ex.graph_break_count == 0, ex.break_reasons
+    torch._dynamo.reset()
+    rc, jc = torch.compile(cl.cluster_pool, backend="aot_eager", fullgraph=True)(k, v)
+    assert torch.equal(jc, jf) and torch.allclose(rc, rf)
     print("KERNEL-OK")
 """)
 
@@ -325,7 +336,7 @@ def test_bench_writes_json_table_and_plot(tmp_path):
     from fec_core import bench
     threads = torch.get_num_threads()
     try:
-        report = bench.main(["--model", "fec_tiny", "--device", "cpu", "--batch-sizes", "2", "--resolutions", "64",
+        report = bench.run_cli(["--model", "fec_tiny", "--device", "cpu", "--batch-sizes", "2", "--resolutions", "64",
                              "--modes", "infer", "train", "--iters", "1", "--warmup", "0", "--threads", "1",
                              "--out-dir", str(tmp_path), "--quiet"])
     finally:
@@ -346,12 +357,23 @@ def test_bench_writes_json_table_and_plot(tmp_path):
 
 def test_bench_skips_literal_beyond_dense_limit(tmp_path):
     from fec_core import bench
-    report = bench.main(["--model", "fec_tiny", "--device", "cpu", "--batch-sizes", "1", "--resolutions", "64",
+    report = bench.run_cli(["--model", "fec_tiny", "--device", "cpu", "--batch-sizes", "1", "--resolutions", "64",
                          "--iters", "1", "--warmup", "0", "--max-dense-gib", "0.000001", "--no-memory",
                          "--no-plot", "--out-dir", str(tmp_path), "--quiet"])
     lit = [r for r in report["results"] if r["path"] == "literal"][0]
     assert lit["status"].startswith("skipped") and lit["latency_ms"] is None
     assert [r for r in report["results"] if r["path"] == "fast"][0]["status"] == "ok"
+
+
+def test_bench_command_line(tmp_path):
+    """``python -m fec_core.bench`` as a user runs it: exit status 0, device name printed, files written."""
+    proc = subprocess.run([sys.executable, "-m", "fec_core.bench", "--model", "fec_tiny", "--batch-sizes", "1",
+                           "--resolutions", "64", "--iters", "1", "--warmup", "0", "--threads", "1", "--no-memory",
+                           "--no-plot", "--quiet", "--out-dir", str(tmp_path)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("device: ")
+    assert json.loads((tmp_path / "bench.json").read_text())["meta"]["command"].endswith(str(tmp_path))
 
 
 def test_bench_rejects_bad_arguments():
@@ -404,7 +426,7 @@ def test_cuda_paths_agree():
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 def test_cuda_bench_smoke(tmp_path):
     from fec_core import bench
-    report = bench.main(["--model", "fec_tiny", "--device", "cuda", "--batch-sizes", "4", "--resolutions", "64",
+    report = bench.run_cli(["--model", "fec_tiny", "--device", "cuda", "--batch-sizes", "4", "--resolutions", "64",
                          "--dtypes", "fp32", "bf16", "--iters", "2", "--warmup", "1", "--out-dir", str(tmp_path),
                          "--quiet"])
     assert all(r["status"] == "ok" and r["peak_mem_bytes"] > 0 for r in report["results"])

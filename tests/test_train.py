@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from fec_core import FEC, CheckpointError
-from fec_core.data import ImageFolderDataset, TensorImageDataset, image_folder_datasets, make_shapes
+from fec_core.data import ImageFolderDataset, image_folder_datasets
 from fec_core.train import (PRESETS, Accuracy, MeanIoU, TrainConfig, build_datasets, evaluate, fit, main,
                             plot_history, read_history)
 
