@@ -314,10 +314,11 @@ def _aggregate_cf(values: torch.Tensor, center_values: torch.Tensor, index: torc
     b, d, m = center_values.shape
     half = values.dtype in (torch.float16, torch.bfloat16)
     src = values.float() if half else values
+    rows = index.unsqueeze(1).expand(-1, d, -1)  # [B, D, N]: the cluster of every value
     if _BACKEND == "torch_scatter":
-        sums = _ts_scatter_sum(src, index.unsqueeze(1), dim=2, dim_size=m)
+        sums = _ts_scatter_sum(src, rows, dim=2, dim_size=m)
     else:
-        sums = src.new_zeros(b, d, m).scatter_add_(2, index.unsqueeze(1).expand(-1, d, -1), src)
+        sums = src.new_zeros(b, d, m).scatter_add_(2, rows, src)
     counts = src.new_zeros(b, m).scatter_add_(1, index, src.new_ones(()).expand(index.shape))
     reps = (sums + center_values) / (counts.unsqueeze(1) + 1.0)
     return reps.to(values.dtype) if half else reps

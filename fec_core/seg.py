@@ -260,8 +260,9 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
 
 
 #: A CPU recipe for ``shapes`` segmentation (fields of :class:`fec_core.train.TrainConfig`).
-SEG_RECIPE = dict(dataset="shapes", shapes_target="mask", model="fec_tiny", img_size=64, train_samples=1000,
-                  val_samples=200, epochs=6, batch_size=32, lr=2e-3, warmup_epochs=1, weight_decay=0.01,
+#: About 9,000 images seen, 1-2 minutes on one CPU core; mIoU about 0.4 (all-background: 0.17).
+SEG_RECIPE = dict(dataset="shapes", shapes_target="mask", model="fec_tiny", img_size=64, train_samples=1500,
+                  val_samples=200, epochs=6, batch_size=8, lr=2e-3, warmup_epochs=1, weight_decay=0.01,
                   augment=False)
 
 
