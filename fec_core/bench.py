@@ -15,6 +15,10 @@ CPU from the allocation events of PyTorch's CPU allocator recorded by
 ``torch.profiler`` (bytes allocated above the level before the step). A training
 step is forward, cross-entropy on random labels, backward and an SGD step.
 
+On a machine shared with other programs, multi-threaded CPU timings are erratic
+because OpenMP threads spin while they wait for each other; run with
+``OMP_WAIT_POLICY=PASSIVE`` (it must be set before Python starts) or ``--threads 1``.
+
 Examples::
 
     python -m fec_core.bench                                   # CPU: fec_small, batch 8, 224x224, fp32
@@ -402,17 +406,21 @@ def plot(report: dict, path: Optional[str] = None):
     axes[1].set_title("peak memory (lower is better)")
     if ncols == 3:
         ax = axes[2]
+        styles = {"infer": "o-", "train": "s--"}
+        reference = None
         for p in paths:
             for (m, d, b) in sorted({(r["mode"], r["dtype"], r["batch"]) for r in res}):
                 pts = sorted((r["resolution"] ** 2, r["peak_mem_bytes"] / 2 ** 20) for r in res
                              if r["path"] == p and (r["mode"], r["dtype"], r["batch"]) == (m, d, b)
                              and r["peak_mem_bytes"])
                 if len(pts) > 1:
-                    ax.loglog(*zip(*pts), "o-", color=colors[p], label=f"{p} {m} {d} b{b}")
-        if ax.lines:
-            x0, y0 = ax.lines[0].get_data()
-            xs = [x0[0], x0[-1]]
-            ax.loglog(xs, [y0[0], y0[0] * xs[1] / xs[0]], "k:", label="linear in pixels")
+                    ax.loglog(*zip(*pts), styles[m], color=colors[p], label=f"{p} {m} {d} b{b}")
+                    if reference is None or (p != "literal" and reference[0] == "literal"):
+                        reference = (p, pts)
+        if reference is not None:
+            pts = reference[1]
+            xs = [pts[0][0], pts[-1][0]]
+            ax.loglog(xs, [pts[0][1], pts[0][1] * xs[1] / xs[0]], "k:", label="linear in pixels")
         ax.set_xlabel("pixels per image")
         ax.set_ylabel("peak memory (MiB)")
         ax.set_title("memory against input size")

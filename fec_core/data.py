@@ -107,21 +107,52 @@ def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.clip(img, 0, 1)
 
 
-def make_shapes(n: int, size: int = 64, seed: int = 0, classes: Tuple[str, ...] = SHAPE_CLASSES
-                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _grain_on_blobs(rng: np.random.Generator, size: int, mask: np.ndarray) -> np.ndarray:
+    """A ``contrast="texture"`` image ``[size, size, 3]``: figure and ground differ only in texture.
+
+    One smooth colored field (:func:`_texture`) under the whole image, modulated in brightness
+    by ``+-amp``: a one-pixel checkerboard (fine grain) on the shape, smooth blobs of the same
+    amplitude (``tanh`` of low-frequency noise, mostly near ``+-1``) elsewhere. Both
+    modulations are symmetric around zero, so figure and ground have the same colors.
+    """
+    field = _texture(rng, size)
+    amp = rng.uniform(0.15, 0.25)
+    blobs = torch.from_numpy(rng.normal(0, 1, size=(1, 1, 8, 8)).astype(np.float32))
+    blobs = F.interpolate(blobs, size=(size, size), mode="bicubic", align_corners=False)[0, 0].numpy()
+    ground = np.tanh(3 * blobs / (blobs.std() + 1e-6))
+    yy, xx = np.mgrid[0:size, 0:size]
+    grain = np.where((yy + xx) % 2 == 0, 1.0, -1.0).astype(np.float32)
+    return np.clip(field + amp * np.where(mask, grain, ground)[..., None], 0, 1)
+
+
+def make_shapes(n: int, size: int = 64, seed: int = 0, classes: Tuple[str, ...] = SHAPE_CLASSES,
+                contrast: str = "color") -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Generate the ``shapes`` dataset: one shape on a textured background per image.
 
     Returns ``images`` float ``[n, 3, size, size]`` in [0, 1], ``labels`` long ``[n]``
     (index into ``classes``), ``masks`` bool ``[n, size, size]`` (True on the shape).
-    Deterministic from ``seed``; the shape's color is kept apart from the background's.
+    Deterministic from ``seed``. ``contrast`` says what sets the shape apart:
+    ``"color"`` (the default): its color is kept apart from the background's;
+    ``"texture"``: only its texture, a fine checkerboard grain against smooth blobs over one
+    shared colored field (same colors inside and out; chapter 11 uses it to measure
+    segmentation that pixel colors alone cannot give).
     """
     if n <= 0 or size < 16:
         raise ValueError(f"make_shapes needs n > 0 and size >= 16, got n={n}, size={size}")
+    if contrast not in ("color", "texture"):
+        raise ValueError(f"contrast must be 'color' or 'texture', got {contrast!r}")
     rng = np.random.default_rng(seed)
     images = np.empty((n, size, size, 3), dtype=np.float32)
     masks = np.empty((n, size, size), dtype=bool)
     labels = rng.integers(0, len(classes), size=n)
     for i in range(n):
+        if contrast == "texture":
+            r = rng.uniform(0.16, 0.3) * size
+            cy, cx = rng.uniform(r + 1, size - r - 1, size=2)
+            mask = _shape_mask(int(labels[i]) % 4, size, cy, cx, r, rng.uniform(0, 2 * math.pi))
+            images[i] = _grain_on_blobs(rng, size, mask)
+            masks[i] = mask
+            continue
         bg = _texture(rng, size)
         r = rng.uniform(0.16, 0.3) * size
         cy, cx = rng.uniform(r + 1, size - r - 1, size=2)

@@ -39,7 +39,7 @@ from .model import FEC, ClusterRecord
 
 __all__ = ["LayerMap", "stem_points", "pool_parents", "encode_clusters", "trace", "trace_clusters",
            "select_layers", "merge_regions", "border_share", "foreground_from_regions", "segment_foreground",
-           "kmeans_pixels", "foreground_iou", "evaluate_segmentation", "match_labels"]
+           "kmeans_pixels", "kmeans_foreground", "patch_oracle", "foreground_iou", "evaluate_segmentation", "match_labels"]
 
 
 @dataclass
@@ -391,6 +391,24 @@ def kmeans_pixels(images: torch.Tensor, k: int = 2, xy_weight: float = 1.0, seed
         pts = torch.cat([images[i].detach().float().cpu().reshape(3, -1).T, xy], dim=1).numpy()
         out[i] = _by_area(torch.from_numpy(_kmeans(pts, k, seed, n_init)).long().reshape(h, w), k)
     return out
+
+
+def kmeans_foreground(images: torch.Tensor, k: int = 2, xy_weight: float = 1.0, seed: int = 0) -> torch.Tensor:
+    """The classical baseline end to end: :func:`kmeans_pixels` then :func:`foreground_from_regions`.
+    ``images`` ``[B, 3, H, W]`` in [0, 1] -> BoolTensor ``[B, H, W]``."""
+    return foreground_from_regions(kmeans_pixels(images, k, xy_weight, seed), k)
+
+
+def patch_oracle(masks: torch.Tensor, patch: int = 4) -> torch.Tensor:
+    """The best any method can do that labels whole ``patch x patch`` stem patches (a
+    reference, not a method: it reads the ground truth). ``masks`` ``[B, H, W]`` bool ->
+    the majority vote of each patch, broadcast back to ``[B, H, W]``. FEC's traced label
+    maps are constant on stem patches, so their IoU cannot beat this mask's."""
+    b, h, w = masks.shape
+    if h % patch or w % patch:
+        raise ValueError(f"masks {h}x{w} are not made of whole {patch}x{patch} patches")
+    votes = F.avg_pool2d(masks.float().unsqueeze(1), patch) > 0.5
+    return votes.repeat_interleave(patch, -2).repeat_interleave(patch, -1)[:, 0]
 
 
 def foreground_iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

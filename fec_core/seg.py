@@ -13,9 +13,11 @@ Both only need what every FEC backbone already exposes: four feature maps at str
     feats = backbone(images)            # 4 maps [B, C_i, H / s_i, W / s_i]
 
 Valid input sizes: FEC's pooling layers halve even feature maps and its fold regions
-must tile every map, so ``H`` and ``W`` must be multiples of 32 for the ``cls``, ``seg``
-and ``det`` settings (the stem alone would accept any size; an invalid one raises a
-``ValueError`` naming the layer). The center grids adapt to any size.
+must tile every map, so ``H`` and ``W`` should be multiples of 32 for the ``cls``, ``seg``
+and ``det`` settings; a size whose maps do not divide raises a ``ValueError`` naming the
+layer. (The stem, a stride-4 convolution as in the official code, drops up to 3 trailing
+rows and columns, so 130x130 runs like 128x128; pad instead if every pixel matters.)
+The center grids adapt to any size.
 
 Recipes for mainstream frameworks (none of them is a dependency of fec_core):
 
@@ -184,7 +186,8 @@ class FECSegmenter(nn.Module):
 
     ``backbone``: any module returning a list of maps and describing them in ``feature_info``,
     e.g. ``timm.create_model('fec_tiny', features_only=True)`` or ``FEC(..., dense=True)``.
-    ``forward(images [B, 3, H, W])`` -> logits ``[B, num_classes, H, W]``.
+    ``fpn_channels`` / ``head_channels``: the head's widths, small by default for CPU work
+    (the paper: 256 / 128). ``forward(images [B, 3, H, W])`` -> logits ``[B, num_classes, H, W]``.
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int, fpn_channels: int = 64, head_channels: int = 32,

@@ -127,13 +127,15 @@ def _figure(panels: List[Tuple[np.ndarray, str]], ncols: Optional[int], panel_si
 
 
 def plot_layers(image, maps: Sequence[LayerMap], regions=None, index: int = 0, color: str = "mean",
-                edges: bool = True, ncols: Optional[int] = None, panel_size: float = 1.8, titles: bool = True):
+                edges: bool = True, ncols: Optional[int] = None, panel_size: float = 1.8, titles: bool = True,
+                min_edge_area: float = 36.0):
     """The compact figure: the image, one panel per layer map, then (optionally) the merged regions.
 
     ``image`` ``[H, W, 3]`` in [0, 1]; ``maps``: :class:`~fec_core.interpret.LayerMap` s (e.g.
     :func:`fec_core.interpret.select_layers` of :func:`fec_core.interpret.trace_clusters`);
     ``index``: which image of the batch; ``regions``: ``[B, H, W]`` from
-    :func:`fec_core.interpret.merge_regions` (drawn in the palette). Returns a matplotlib Figure.
+    :func:`fec_core.interpret.merge_regions` (drawn in the palette). Boundaries are left out of
+    panels whose clusters average fewer than ``min_edge_area`` pixels. Returns a matplotlib Figure.
     """
     image = _np(image).astype(np.float32)
     panels = [(image, "image")]
@@ -143,7 +145,8 @@ def plot_layers(image, maps: Sequence[LayerMap], regions=None, index: int = 0, c
         if color == "palette":
             lab = lab if prev is None else match_labels(lab, prev)
             prev = lab
-        panels.append((paint(image, lab, color=color, edges=edges), m.title))
+        dense = lab.size / max(len(np.unique(lab)), 1) < min_edge_area  # tiny clusters: edges would hide the image
+        panels.append((paint(image, lab, color=color, edges=edges and not dense), m.title))
     if regions is not None:
         reg = _np(regions[index])
         k = int(reg.max()) + 1
