@@ -375,12 +375,13 @@ def segment_foreground(model: FEC, images: torch.Tensor, stage: int = -1, k: int
     return torch.cat(masks)
 
 
-def kmeans_pixels(images: torch.Tensor, k: int = 2, xy_weight: float = 1.0, seed: int = 0,
+def kmeans_pixels(images: torch.Tensor, k: int = 2, xy_weight: float = 0.5, seed: int = 0,
                   n_init: int = 4) -> torch.Tensor:
     """The classical baseline: k-means on every pixel's ``(R, G, B, x, y)``, per image.
 
     ``images`` ``[B, 3, H, W]`` in [0, 1]; coordinates scaled to [0, 1] and multiplied by
-    ``xy_weight``. Returns region labels LongTensor ``[B, H, W]`` (values ``0..k-1``,
+    ``xy_weight`` (0: colors only; the default 0.5 keeps connected shapes together without
+    letting position outweigh color; 1 already splits many images into halves). Returns region labels LongTensor ``[B, H, W]`` (values ``0..k-1``,
     numbered by decreasing area).
     """
     b, _, h, w = images.shape
@@ -393,7 +394,7 @@ def kmeans_pixels(images: torch.Tensor, k: int = 2, xy_weight: float = 1.0, seed
     return out
 
 
-def kmeans_foreground(images: torch.Tensor, k: int = 2, xy_weight: float = 1.0, seed: int = 0) -> torch.Tensor:
+def kmeans_foreground(images: torch.Tensor, k: int = 2, xy_weight: float = 0.5, seed: int = 0) -> torch.Tensor:
     """The classical baseline end to end: :func:`kmeans_pixels` then :func:`foreground_from_regions`.
     ``images`` ``[B, 3, H, W]`` in [0, 1] -> BoolTensor ``[B, H, W]``."""
     return foreground_from_regions(kmeans_pixels(images, k, xy_weight, seed), k)

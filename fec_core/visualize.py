@@ -128,17 +128,18 @@ def _figure(panels: List[Tuple[np.ndarray, str]], ncols: Optional[int], panel_si
 
 def plot_layers(image, maps: Sequence[LayerMap], regions=None, index: int = 0, color: str = "mean",
                 edges: bool = True, ncols: Optional[int] = None, panel_size: float = 1.8, titles: bool = True,
-                min_edge_area: float = 36.0):
+                min_edge_area: float = 150.0, image_title: str = "image"):
     """The compact figure: the image, one panel per layer map, then (optionally) the merged regions.
 
     ``image`` ``[H, W, 3]`` in [0, 1]; ``maps``: :class:`~fec_core.interpret.LayerMap` s (e.g.
     :func:`fec_core.interpret.select_layers` of :func:`fec_core.interpret.trace_clusters`);
     ``index``: which image of the batch; ``regions``: ``[B, H, W]`` from
     :func:`fec_core.interpret.merge_regions` (drawn in the palette). Boundaries are left out of
-    panels whose clusters average fewer than ``min_edge_area`` pixels. Returns a matplotlib Figure.
+    panels whose clusters average fewer than ``min_edge_area`` pixels (they would hide the
+    image); ``image_title`` names the first panel. Returns a matplotlib Figure.
     """
     image = _np(image).astype(np.float32)
-    panels = [(image, "image")]
+    panels = [(image, image_title)]
     prev = None
     for m in maps:
         lab = _np(m.labels[index])
@@ -307,7 +308,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     h, w = x_img.shape[:2]
-    print(f"{args.image}: {w}x{h} input, {len(shown)} layer panels"
+    print(f"{args.image}: fed as {w}x{h} pixels (width x height), {len(shown)} layer panels"
           f"{f', k-means k={args.clusters}' if regions is not None else ''} -> {args.output}")
     return 0
 

@@ -97,10 +97,13 @@ def test_semantic_fpn_shapes_levels_and_errors():
     assert out.shape == (2, 5, 24, 40)
     pyramid = head.fpn(feats)
     assert [tuple(p.shape) for p in pyramid] == [(2, 16, 24 // 2 ** i, 40 // 2 ** i) for i in range(4)]
-    # the top-down path: the coarsest level reaches the finest
+    # the top-down path: the finest pyramid level depends on the coarsest backbone map, not the reverse
     x = [f.clone().requires_grad_() for f in feats]
-    head(x)[:, :, :4, :4].sum().backward()
-    assert x[3].grad.abs().sum() > 0
+    head.fpn(x)[0].sum().backward()
+    assert all(f.grad is not None and f.grad.abs().sum() > 0 for f in x)
+    x = [f.clone().requires_grad_() for f in feats]
+    head.fpn(x)[3].sum().backward()
+    assert x[3].grad.abs().sum() > 0 and all(f.grad is None for f in x[:3])
     with pytest.raises(ValueError, match="4 feature maps"):
         head(feats[:3])
     with pytest.raises(ValueError, match=r"feature 1 should be \[B, 16"):
@@ -184,6 +187,21 @@ def test_short_segmentation_training_improves_miou():
     assert after == pytest.approx(evaluate(res.model, va)["miou"])
     assert res.history[-1]["train_loss"] < 0.6 * res.history[0]["train_loss"]
     assert after > max(before, trivial) + 0.15, (before, trivial, curve)
+
+
+def test_train_segmentation_defaults_build_the_recipe_model():
+    from fec_core.seg import SEG_RECIPE
+    from fec_core.train import TrainConfig
+
+    res = train_segmentation(progress=False, setting="seg", train_samples=16, val_samples=8, epochs=1,
+                             batch_size=8, img_size=32)
+    seg = res.model
+    assert isinstance(seg, FECSegmenter) and seg.num_classes == len(SEG_CLASSES)
+    assert backbone_fec(seg.backbone).stages[0].blocks[0].token_mixer.proposal == (10, 10)
+    assert res.config.model == SEG_RECIPE["model"] and res.config.shapes_target == "mask"
+    assert 0 <= res.history[0]["val_miou"] <= 1
+    with pytest.raises(ValueError, match="either"):
+        train_segmentation(TrainConfig(**SEG_RECIPE), epochs=1)
 
 
 def test_train_segmentation_rejects_label_targets():

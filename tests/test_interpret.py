@@ -250,7 +250,7 @@ def test_cli_random_weights_any_image(tmp_path, capsys):
     rc, text = _cli([img, "--model", "fec_tiny", "--size", "64", "--clusters", "2", "-o", out], capsys)
     assert rc == 0, text
     assert "RANDOM weights" in text and out.exists()
-    assert "64x" in text
+    assert "fed as 128x64 pixels" in text  # 50x90 -> shorter side 64, longer side a multiple of 32
 
 
 def test_cli_clear_errors(tmp_path, capsys):
