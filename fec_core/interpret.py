@@ -39,7 +39,8 @@ from .model import FEC, ClusterRecord
 
 __all__ = ["LayerMap", "stem_points", "pool_parents", "encode_clusters", "trace", "trace_clusters",
            "select_layers", "merge_regions", "border_share", "foreground_from_regions", "segment_foreground",
-           "kmeans_pixels", "kmeans_foreground", "patch_oracle", "foreground_iou", "evaluate_segmentation", "match_labels"]
+           "kmeans_pixels", "kmeans_foreground", "patch_oracle", "foreground_iou", "evaluate_segmentation",
+           "match_labels"]
 
 
 @dataclass
@@ -230,7 +231,8 @@ def select_layers(maps: Sequence[LayerMap], which: str = "all", head: Optional[i
             if part.lstrip("-").isdigit():
                 i = int(part)
                 if not -len(names) <= i < len(names):
-                    raise ValueError(f"layer {i} does not exist; the model has {len(names)} layers (0..{len(names) - 1})")
+                    raise ValueError(f"layer {i} does not exist; the model has {len(names)} layers "
+                                     f"(0..{len(names) - 1})")
                 keep.append(names[i])
             elif part in names:
                 keep.append(part)
@@ -380,9 +382,9 @@ def kmeans_pixels(images: torch.Tensor, k: int = 2, xy_weight: float = 0.5, seed
     """The classical baseline: k-means on every pixel's ``(R, G, B, x, y)``, per image.
 
     ``images`` ``[B, 3, H, W]`` in [0, 1]; coordinates scaled to [0, 1] and multiplied by
-    ``xy_weight`` (0: colors only; the default 0.5 keeps connected shapes together without
-    letting position outweigh color; 1 already splits many images into halves). Returns region labels LongTensor ``[B, H, W]`` (values ``0..k-1``,
-    numbered by decreasing area).
+    ``xy_weight`` (0: colors only; the default 0.5 lets the coordinates span half the range of a
+    color channel; chapter 11 compares 0, 0.5 and 1). Returns region labels LongTensor
+    ``[B, H, W]`` (values ``0..k-1``, numbered by decreasing area).
     """
     b, _, h, w = images.shape
     yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
@@ -401,10 +403,11 @@ def kmeans_foreground(images: torch.Tensor, k: int = 2, xy_weight: float = 0.5, 
 
 
 def patch_oracle(masks: torch.Tensor, patch: int = 4) -> torch.Tensor:
-    """The best any method can do that labels whole ``patch x patch`` stem patches (a
-    reference, not a method: it reads the ground truth). ``masks`` ``[B, H, W]`` bool ->
+    """The ground truth rounded to whole ``patch x patch`` stem patches (a reference, not a
+    method: it reads the masks). ``masks`` ``[B, H, W]`` bool ->
     the majority vote of each patch, broadcast back to ``[B, H, W]``. FEC's traced label
-    maps are constant on stem patches, so their IoU cannot beat this mask's."""
+    maps are constant on stem patches, so this mask's IoU is roughly their ceiling (the
+    majority vote maximizes pixel accuracy; IoU's optimum can differ slightly)."""
     b, h, w = masks.shape
     if h % patch or w % patch:
         raise ValueError(f"masks {h}x{w} are not made of whole {patch}x{patch} patches")

@@ -14,7 +14,8 @@ regions. No legends, no axes; colors are consistent across panels:
 Command line (any image Pillow reads)::
 
     python -m fec_core.visualize photo.jpg -o clusters.png
-    python -m fec_core.visualize photo.jpg --model fec_small --checkpoint fec_small.pth --clusters 3 --layers pool -o out.png
+    python -m fec_core.visualize photo.jpg --checkpoint fec_small.pth --clusters 3 -o out.png
+    python -m fec_core.visualize shape.png --model fec_tiny --size 64 --layers pool -o out.png
 
 Without ``--checkpoint`` the weights are random (the command says so).
 """
