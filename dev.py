@@ -65,7 +65,8 @@ def main(argv=None) -> int:
         return 2
     cmd, rest = argv[0], argv[1:]
     ensure_venv()
-    env = dict(os.environ, PYDEVD_DISABLE_FILE_VALIDATION="1", MPLBACKEND="Agg")
+    env = dict(os.environ, PYDEVD_DISABLE_FILE_VALIDATION="1")
+    env.pop("MPLBACKEND", None)  # notebooks draw with the inline backend; a global Agg would drop their figures
     if cmd == "setup":
         return 0
     if cmd == "book":

@@ -17,7 +17,7 @@ import torch
 
 from .model import FEC, checkpoint_filter_fn
 
-__all__ = ["CheckpointError", "read_state_dict", "load_checkpoint", "check_state_dict"]
+__all__ = ["CheckpointError", "read_state_dict", "load_checkpoint", "check_state_dict", "raise_if_mismatch"]
 
 _HEAD = ("head.weight", "head.bias")
 
@@ -60,6 +60,27 @@ def _short(keys, n: int = 8) -> str:
     return ", ".join(keys[:n]) + (f" ... ({len(keys)} in all)" if len(keys) > n else "")
 
 
+def raise_if_mismatch(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], header: str,
+                      allowed_missing=frozenset()) -> None:
+    """Raise :class:`CheckpointError` naming the missing keys, unexpected keys and shape
+    mismatches between a model's state dict ``own`` and ``state`` (``header`` first)."""
+    missing = set(own) - set(state) - set(allowed_missing)
+    unexpected = set(state) - set(own)
+    shapes = {k: (tuple(state[k].shape), tuple(own[k].shape)) for k in set(state) & set(own)
+              if state[k].shape != own[k].shape}
+    if not (missing or unexpected or shapes):
+        return
+    msg = [header]
+    if missing:
+        msg.append(f"missing keys: {_short(missing)}")
+    if unexpected:
+        msg.append(f"unexpected keys: {_short(unexpected)}")
+    if shapes:
+        msg.append("shape mismatches: " + "; ".join(f"{k}: checkpoint {a} vs model {b}"
+                                                    for k, (a, b) in sorted(shapes.items())[:8]))
+    raise CheckpointError("\n  ".join(msg))
+
+
 def check_state_dict(model: FEC, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Compare a mapped state dict with ``model``; return what to load, or raise.
 
@@ -87,19 +108,8 @@ def check_state_dict(model: FEC, state_dict: Dict[str, torch.Tensor]) -> Dict[st
     if out_norms and not any(k.startswith("out_norms.") for k in sd):
         notes.append("per-stage output norms not in the checkpoint (a classification checkpoint): left as identity")
         allowed_missing |= out_norms
-    missing = set(own) - set(sd) - allowed_missing
-    unexpected = set(sd) - set(own)
-    shapes = {k: (tuple(sd[k].shape), tuple(own[k].shape)) for k in set(sd) & set(own) if sd[k].shape != own[k].shape}
-    if missing or unexpected or shapes:
-        msg = ["checkpoint does not fit this model (is it another FEC variant or setting?)"]
-        if missing:
-            msg.append(f"missing keys: {_short(missing)}")
-        if unexpected:
-            msg.append(f"unexpected keys: {_short(unexpected)}")
-        if shapes:
-            msg.append("shape mismatches: " + "; ".join(f"{k}: checkpoint {a} vs model {b}"
-                                                        for k, (a, b) in sorted(shapes.items())[:8]))
-        raise CheckpointError("\n  ".join(msg))
+    raise_if_mismatch(own, sd, "checkpoint does not fit this model (is it another FEC variant or setting?)",
+                      allowed_missing)
     for note in notes:
         warnings.warn(note, stacklevel=3)
     return sd

@@ -566,22 +566,9 @@ def _read_training_checkpoint(path: str) -> Dict[str, Any]:
 
 def _load_model_state(model: nn.Module, state: Dict[str, torch.Tensor], source: str, saved_for: str) -> None:
     """Strict load with a readable error for a checkpoint of another architecture."""
-    from .checkpoint import CheckpointError, _short
+    from .checkpoint import raise_if_mismatch
 
-    own = model.state_dict()
-    missing, unexpected = set(own) - set(state), set(state) - set(own)
-    shapes = {k: (tuple(state[k].shape), tuple(own[k].shape)) for k in set(own) & set(state)
-              if state[k].shape != own[k].shape}
-    if missing or unexpected or shapes:
-        msg = [f"checkpoint {source} does not fit this model: it was saved for {saved_for}"]
-        if missing:
-            msg.append(f"missing keys: {_short(missing)}")
-        if unexpected:
-            msg.append(f"unexpected keys: {_short(unexpected)}")
-        if shapes:
-            msg.append("shape mismatches: " + "; ".join(f"{k}: checkpoint {a} vs model {b}"
-                                                        for k, (a, b) in sorted(shapes.items())[:6]))
-        raise CheckpointError("\n  ".join(msg))
+    raise_if_mismatch(model.state_dict(), state, f"checkpoint {source} does not fit this model: it was saved for {saved_for}")
     model.load_state_dict(state)
 
 
