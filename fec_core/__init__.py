@@ -4,6 +4,12 @@
 * :mod:`fec_core.layers`: stem, clustering encode / pool layers, blocks.
 * :mod:`fec_core.model`: the backbone, ``fec_small`` / ``fec_base`` / ``fec_large`` (timm models).
 * :mod:`fec_core.checkpoint`: loading released official checkpoints.
+* :mod:`fec_core.data`: offline data (the bundled photograph, ``digits``, ``shapes``, image folders).
+* :mod:`fec_core.train`: the training loop (``python -m fec_core.train``), DDP through torchrun.
+* :mod:`fec_core.interpret` / :mod:`fec_core.visualize`: cluster maps traced to pixels, figures, CLI.
+* :mod:`fec_core.seg`: Semantic FPN head, segmentation on ``shapes``, a torchvision detection backbone.
+* :mod:`fec_core.kernels` / :mod:`fec_core.bench`: the Triton kernel (optional) and the benchmark.
+* :mod:`fec_core.profile`: parameter and MAC counting. :mod:`fec_core.bookbuild`: the book's tooling.
 
 Importing ``fec_core`` registers the variants with timm.
 """
