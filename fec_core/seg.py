@@ -72,6 +72,8 @@ import torch.nn.functional as F
 from .data import SHAPE_CLASSES
 from .model import FEC
 
+from .train import iou_per_class  # one IoU formula, shared with MeanIoU; re-exported here
+
 __all__ = ["SEG_CLASSES", "IGNORE_INDEX", "SEG_RECIPE", "feature_channels", "backbone_fec", "SemanticFPN",
            "FECSegmenter", "FECBackboneWithFPN", "shapes_segmentation", "iou_per_class", "segmentation_loss",
            "train_segmentation"]
@@ -241,16 +243,6 @@ def shapes_segmentation(n_train: int = 1000, n_val: int = 200, size: int = 64, s
     from .data import shapes_datasets
 
     return shapes_datasets(n_train, n_val, size, seed, target="mask")
-
-
-def iou_per_class(confusion: torch.Tensor) -> torch.Tensor:
-    """IoU of every class from a confusion matrix ``[K, K]`` (row: true, column: predicted),
-    ``TP / (TP + FP + FN)``; NaN for a class neither present nor predicted. The mean over the
-    non-NaN entries is the mIoU of :class:`fec_core.train.MeanIoU` (its ``state['confusion']``)."""
-    conf = confusion.double()
-    tp = conf.diag()
-    union = conf.sum(0) + conf.sum(1) - tp
-    return torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -284,6 +284,16 @@ class Accuracy(Metric):
         return {("acc" if t == 1 else f"acc{t}"): self.state["correct"][i].item() / n for i, t in enumerate(self.topk)}
 
 
+def iou_per_class(confusion: torch.Tensor) -> torch.Tensor:
+    """IoU of every class from a confusion matrix ``[K, K]`` (row: true, column: predicted),
+    ``TP / (TP + FP + FN)``; NaN for a class neither present nor predicted. The mean over the
+    non-NaN entries is the mIoU of :class:`MeanIoU` (its ``state['confusion']``)."""
+    conf = confusion.double()
+    tp = conf.diag()
+    union = conf.sum(0) + conf.sum(1) - tp
+    return torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
+
+
 class MeanIoU(Metric):
     """Semantic segmentation: mean intersection-over-union ``'miou'`` and pixel accuracy
     ``'pixel_acc'`` from a confusion matrix. ``output`` logits ``[B, K, h, w]`` (upsampled
@@ -312,10 +322,9 @@ class MeanIoU(Metric):
 
     def compute(self) -> Dict[str, float]:
         cm = self.state["confusion"]
-        inter, union = cm.diag(), cm.sum(0) + cm.sum(1) - cm.diag()
-        valid = union > 0
-        miou = (inter[valid] / union[valid]).mean().item() if valid.any() else 0.0
-        return {"miou": miou, "pixel_acc": (inter.sum() / cm.sum().clamp_min(1)).item()}
+        iou = iou_per_class(cm)
+        miou = iou.nanmean().item() if not iou.isnan().all() else 0.0
+        return {"miou": miou, "pixel_acc": (cm.diag().sum() / cm.sum().clamp_min(1)).item()}
 
 
 class BatchMean(Metric):

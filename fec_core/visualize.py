@@ -238,7 +238,7 @@ def build_model(name: str, checkpoint: Optional[str] = None):
     import timm
 
     from . import create_model
-    from .checkpoint import check_state_dict, read_state_dict
+    from .checkpoint import CheckpointError, load_checkpoint, read_state_dict
 
     names = timm.list_models("fec_*")
     if name not in names:
@@ -249,15 +249,12 @@ def build_model(name: str, checkpoint: Optional[str] = None):
     sd = read_state_dict(checkpoint)  # FileNotFoundError / CheckpointError with clear messages
     num_classes = int(sd["head.weight"].shape[0]) if "head.weight" in sd else 0
     model = create_model(name, num_classes=num_classes)
-    from .checkpoint import CheckpointError
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            sd = check_state_dict(model, sd)
+            load_checkpoint(model, sd)
     except CheckpointError as e:
         raise CheckpointError(f"checkpoint {checkpoint} does not fit {name}: {e}") from e
-    model.load_state_dict(sd, strict=False)
     return model, f"loaded {checkpoint} into {name}"
 
 
