@@ -11,7 +11,8 @@
 #                                           the CPU with Triton's interpreter (catches typos)
 # Environment: OUT (default /tmp/gpu_check_out), PYTHON (default python3),
 #   GPU_CHECK_BUDGET seconds for the whole script (default 400; each part also has its own
-#   limit, and a part that would start with under 20 s left is skipped).
+#   limit, and a part that would start with under 20 s left is skipped),
+#   GPU_CHECK_SKIP_TESTS=1 to rerun the benchmark alone.
 # Needs .gpu/ (ignored by git, carried to the GPU machine): official_fec.py (a verbatim
 # copy of github guikunchen/FEC models/fec.py; torch_scatter is replaced at load time by
 # fec_core.bench.load_official) and wheels/ (timm, einops: installed only if missing).
@@ -89,8 +90,12 @@ if [ $DRY -eq 0 ]; then
 else  # the same tests on the CPU, the kernel in Triton's interpreter
     TEST_ENV=(env FEC_TEST_DEVICE=cpu TRITON_INTERPRET=1 FEC_KERNELS=on)
 fi
+if [ "${GPU_CHECK_SKIP_TESTS:-0}" = 1 ]; then
+    say "SKIP CUDA tests (GPU_CHECK_SKIP_TESTS=1)"
+else
 run_part "CUDA tests" 200 ${TEST_ENV[@]+"${TEST_ENV[@]}"} "$PY" -m pytest -p no:cacheprovider -q -rs --timeout=150 \
     --durations=8 -o addopts="" tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log"
+fi
 
 # ---------------------------------------------------------------- 3. benchmark
 OFFICIAL=()
@@ -226,3 +231,4 @@ EOF
 say "done; files in $OUT:"
 ls -la "$OUT"
 rm -rf "$WORK"
+sleep 2  # let tee write the last lines of gpu_check.log

@@ -310,37 +310,55 @@ def test_fast_path_uses_the_kernel_here():
 
 
 # ----------------------------------------------------------------------------- torch.compile
+def _compiled_close(got, ref, what):
+    """Inductor fuses the key convolution with the normalization and rounds differently:
+    a float32 near-tie may flip a point's center (seen on a CPU: one of 1024 points, its
+    two best scores 1e-6 apart), which changes its features downstream. So: the stage-0
+    output (no pooling layer yet) within 1e-4, later outputs within 2% in mean."""
+    torch.testing.assert_close(got[0], ref[0], atol=1e-4, rtol=1e-4, msg=f"{what}, stage 0")
+    for i, (a, b) in enumerate(zip(got[1:], ref[1:]), 1):
+        assert _mean_rel(a, b) <= 2e-2, f"{what}, stage {i}: mean difference {_mean_rel(a, b):.3g}"
+
+
 @pytest.mark.skipif(not COMPILE_HERE, reason="inductor on the CPU is slow: FEC_TEST_COMPILE=1")
 def test_compiled_fullgraph_matches_eager():
-    """``torch.compile(fullgraph=True)`` (inductor) of the fast path, forward and backward:
-    one graph (fullgraph raises on a break), eager's outputs and gradients."""
-    m = tiny()
+    """``torch.compile(fullgraph=True)`` (inductor; on CUDA with the Triton kernel as a
+    custom op inside the graph) of the fast path, forward and backward: one graph
+    (fullgraph raises on a break), eager's outputs and gradients (see _compiled_close)."""
+    m = tiny(dense=True)
     x = _rand(4, 3, 64, 64, seed=3)
     torch._dynamo.reset()
     compiled = torch.compile(m, fullgraph=True)
     m.eval()
     with torch.no_grad():
-        torch.testing.assert_close(compiled(x), m(x), atol=1e-4, rtol=1e-4)
+        _compiled_close(compiled(x), m(x), "eval forward")
     m.train()
-    compiled(x).square().sum().backward()
+    w = [torch.randn(o.shape, generator=_gen(12)).to(DEVICE) for o in m(x)]
+    m.zero_grad(set_to_none=True)
+    sum((o * wi).sum() for o, wi in zip(compiled(x), w)).backward()
     g_c = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
     m.zero_grad(set_to_none=True)
-    m(x).square().sum().backward()
-    assert g_c.keys() == {n for n, p in m.named_parameters() if p.grad is not None}
-    for n, p in m.named_parameters():
-        if p.grad is not None:
-            torch.testing.assert_close(g_c[n], p.grad, atol=1e-4, rtol=1e-3, msg=n)
+    sum((o * wi).sum() for o, wi in zip(m(x), w)).backward()
+    g_e = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+    assert g_c.keys() == g_e.keys() and len(g_e) > 20
+    stem = [n for n in g_e if n.startswith("stem.")]
+    flat_c = torch.cat([g_c[n].flatten() for n in g_e])
+    flat_e = torch.cat([g_e[n].flatten() for n in g_e])
+    assert _mean_rel(flat_c, flat_e) <= 2e-2
+    for n in stem:  # the stem's gradient gathers every stage's: bounded in mean as well
+        assert _mean_rel(g_c[n], g_e[n]) <= 5e-2, n
 
 
 @pytest.mark.skipif(not COMPILE_HERE, reason="inductor on the CPU is slow: FEC_TEST_COMPILE=1")
 def test_compiled_bf16_autocast_inference():
-    m = tiny().eval()
+    m = tiny(dense=True).eval()
     x = _rand(4, 3, 64, 64, seed=4)
     torch._dynamo.reset()
     compiled = torch.compile(m, fullgraph=True)
     with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16):
-        a, b = compiled(x).float(), m(x).float()
-    assert (a - b).abs().max() <= 0.1 * b.abs().max()
+        a, b = [o.float() for o in compiled(x)], [o.float() for o in m(x)]
+    for i, (u, v) in enumerate(zip(a, b)):  # bf16 rounding, and flips as under autocast above
+        assert _mean_rel(u, v) <= 0.1, f"stage {i}: mean difference {_mean_rel(u, v):.3g}"
 
 
 # ----------------------------------------------------------------------------- benchmark
