@@ -351,14 +351,24 @@ def test_compiled_fullgraph_matches_eager():
 
 @pytest.mark.skipif(not COMPILE_HERE, reason="inductor on the CPU is slow: FEC_TEST_COMPILE=1")
 def test_compiled_bf16_autocast_inference():
+    """bf16 autocast, compiled against eager: both round to bf16 and may flip near-ties
+    (test_model_paths_agree_under_autocast), so neither is the reference. The float32
+    eager model is; the compiled model's mean error against it is at most 1.5 times the
+    eager bf16 model's (plus REL), stage by stage."""
     m = tiny(dense=True).eval()
     x = _rand(4, 3, 64, 64, seed=4)
     torch._dynamo.reset()
     compiled = torch.compile(m, fullgraph=True)
-    with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16):
-        a, b = [o.float() for o in compiled(x)], [o.float() for o in m(x)]
-    for i, (u, v) in enumerate(zip(a, b)):  # bf16 rounding, and flips as under autocast above
-        assert _mean_rel(u, v) <= 0.1, f"stage {i}: mean difference {_mean_rel(u, v):.3g}"
+    with torch.no_grad():
+        ref = [o.double() for o in m(x)]
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            a, b = [o.double() for o in compiled(x)], [o.double() for o in m(x)]
+
+    def err(u, r):
+        return float((u - r).abs().mean() / r.abs().mean())
+    for i, (u, v, r) in enumerate(zip(a, b, ref)):
+        assert err(u, r) <= 1.5 * err(v, r) + REL[torch.bfloat16], \
+            f"stage {i}: compiled off by {err(u, r):.3g} (mean), eager bf16 by {err(v, r):.3g}"
 
 
 # ----------------------------------------------------------------------------- benchmark
