@@ -80,9 +80,9 @@ def main(argv=None) -> int:
     if cmd == "setup":
         return 0
     if cmd == "book":
-        return run([PY, "-m", "fec_core.bookbuild", "build", "--execute", *rest], env=env)
+        return run([PY, "scripts/bookbuild.py", "build", "--execute", *rest], env=env)
     if cmd == "site":
-        return run([PY, "-m", "fec_core.bookbuild", "build", *rest], env=env)
+        return run([PY, "scripts/bookbuild.py", "build", *rest], env=env)
     pytest = [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests", "book/test_book.py"]
     if os.cpu_count() and os.cpu_count() > 1:  # one worker per core; the site's tests stay on one
         pytest += ["-n", str(min(os.cpu_count(), 4)), "--dist", "loadgroup"]

@@ -236,7 +236,7 @@ def test_notebook(path, tmp_path):
     assert not left, f"{path.name} wrote files next to itself (use a temporary directory): {left}"
     problems = _output_differences(stored, nb)
     assert not problems, (f"{path.name}: outputs differ from the stored ones "
-                          f"(re-execute with `python -m fec_core.bookbuild execute {path.relative_to(ROOT)}` "
+                          f"(re-execute with `python scripts/bookbuild.py execute {path.relative_to(ROOT)}` "
                           "if the change is intended):\n" + "\n".join(problems))
 
 
@@ -292,7 +292,7 @@ def site(tmp_path_factory):
     _ensure_browser()
     out = tmp_path_factory.mktemp("site")
     env = dict(os.environ, PYDEVD_DISABLE_FILE_VALIDATION="1")
-    cmd = [sys.executable, "-m", "fec_core.bookbuild", "build", "--out", str(out)]
+    cmd = [sys.executable, str(ROOT / "scripts" / "bookbuild.py"), "build", "--out", str(out)]
     if SITE_TOC != ROOT / "_toc.yml":
         cmd += ["--toc", str(SITE_TOC)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)

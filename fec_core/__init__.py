@@ -10,7 +10,8 @@
 * :mod:`fec_core.seg`: Semantic FPN head, segmentation on ``shapes``, a torchvision detection backbone.
 * :mod:`fec_core.kernels` / :mod:`fec_core.bench`: the Triton kernel (optional) and the benchmark.
 * :mod:`fec_core.numerics`: the numerical contract of the argmax (tolerances, checks).
-* :mod:`fec_core.profile`: parameter and MAC counting. :mod:`fec_core.bookbuild`: the book's tooling.
+* :mod:`fec_core.profile`: parameter and MAC counting. (The book's build tooling is
+  ``scripts/bookbuild.py`` in the repository, not part of the package.)
 
 Importing ``fec_core`` registers the variants with timm.
 """

@@ -1,15 +1,15 @@
-"""Execute, clean and build the book's notebooks.
+"""Execute, clean and build the book's notebooks (a tool of this repository, not of fec_core).
 
-    python -m fec_core.bookbuild execute book/03_centers.ipynb   # run in place, store clean outputs
-    python -m fec_core.bookbuild clean book/*.ipynb               # strip execution counts / volatile metadata
-    python -m fec_core.bookbuild build [--execute]                 # build the site (stored or fresh outputs)
-    python -m fec_core.bookbuild build --out /tmp/site --toc /tmp/toc.yml   # elsewhere, other chapters
+    python scripts/bookbuild.py execute book/03_centers.ipynb   # run in place, store clean outputs
+    python scripts/bookbuild.py clean book/*.ipynb               # strip execution counts / volatile metadata
+    python scripts/bookbuild.py build [--execute]                 # build the site (stored or fresh outputs)
+    python scripts/bookbuild.py build --out /tmp/site --toc /tmp/toc.yml   # elsewhere, other chapters
 
 ``build --execute`` (the README's ``make book``) copies the book to ``_build/src``,
 executes every chapter there and builds the site from that copy, so the working
 tree's stored outputs (checked by ``pytest --nbval``) are left as they are.
 
-The module is also a small Sphinx extension (``_config.yml`` lists it): see :func:`setup`.
+The site's one Sphinx extension of its own is ``book/_ext/dedupe_scripts.py``.
 """
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ def build(execute: bool = False, out: Path | None = None, warnings_as_errors: bo
         if src.exists():
             shutil.rmtree(src)
         src.mkdir(parents=True)
-        for name in ("_config.yml", "_toc.yml", "references.bib", "book"):
+        for name in ("_config.yml", "_toc.yml", "references.bib", "book"):  # book/ has _ext/ too
             p = ROOT / name
             if p.is_dir():
                 shutil.copytree(p, src / name, ignore=shutil.ignore_patterns("_build", ".ipynb_checkpoints"))
@@ -139,36 +139,8 @@ def _toc_files(toc: Path) -> set:
     return found
 
 
-def _dedupe_scripts(app, pagename, templatename, context, doctree) -> None:
-    """Drop repeated ``<script>`` entries from a page, keeping the first of each.
-
-    With Sphinx 7, an inline script that an extension adds after the builder started
-    (sphinx-thebe's ``const THEBE_JS_URL = ...``, sphinx-togglebutton's selector) can
-    be registered twice, once with ``filename=''`` and once with ``filename=None``; the
-    second ``const`` declaration is a JavaScript error in the browser console on every page.
-    """
-    scripts = context.get("script_files")
-    if not scripts:
-        return
-    seen, unique = set(), []
-    for js in scripts:
-        key = (str(getattr(js, "filename", js) or ""),
-               tuple(sorted((k, str(v)) for k, v in getattr(js, "attributes", {}).items())))
-        if key not in seen:
-            seen.add(key)
-            unique.append(js)
-    context["script_files"] = unique
-
-
-def setup(app):
-    """Sphinx extension used by the book's build (``sphinx: extra_extensions`` in ``_config.yml``):
-    removes duplicated scripts from every page, see :func:`_dedupe_scripts`."""
-    app.connect("html-page-context", _dedupe_scripts, priority=900)  # after the theme's handlers
-    return {"parallel_read_safe": True, "parallel_write_safe": True}
-
-
 def main(argv: Iterable[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m fec_core.bookbuild", description=__doc__,
+    p = argparse.ArgumentParser(prog="python scripts/bookbuild.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("execute", help="execute notebooks in place and clean them")
