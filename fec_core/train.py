@@ -64,10 +64,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 import warnings
@@ -200,13 +202,7 @@ class TrainConfig:
                 setattr(self, name, value)
         if self.auto_augment in ("", "none", "None"):
             self.auto_augment = None
-        if self.amp not in ("auto", "bf16", "fp16", "off"):
-            raise ValueError(f"amp must be 'auto', 'bf16', 'fp16' or 'off', got {self.amp!r}")
-        for name in ("epochs", "batch_size", "img_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.dataset == "imagefolder" and self.data_dir is None and not self.resume:
-            pass  # checked by build_datasets (a custom train_set needs no data_dir)
+        _validate(self)
 
     @classmethod
     def from_checkpoint(cls, path: str, **overrides) -> "TrainConfig":
@@ -218,6 +214,57 @@ class TrainConfig:
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# What each numeric field accepts: (kind, low, high, low included, high included); None: unbounded.
+_RULES: Dict[str, Tuple[type, Optional[float], Optional[float], bool, bool]] = {
+    "epochs": (int, 1, None, True, True), "batch_size": (int, 1, None, True, True),
+    "img_size": (int, 1, None, True, True), "log_interval": (int, 1, None, True, True),
+    "train_samples": (int, 1, None, True, True), "val_samples": (int, 1, None, True, True),
+    "num_classes": (int, 1, None, True, True), "warmup_epochs": (int, 0, None, True, True),
+    "cooldown_epochs": (int, 0, None, True, True), "workers": (int, 0, None, True, True),
+    "threads": (int, 0, None, True, True), "seed": (int, 0, 2 ** 63 - 1, True, True),
+    "lr": (float, 0, None, False, True), "lr_base": (float, 0, None, False, True),
+    "clip_grad": (float, 0, None, False, True), "min_lr": (float, 0, None, True, True),
+    "warmup_lr": (float, 0, None, True, True), "weight_decay": (float, 0, None, True, True),
+    "mixup": (float, 0, None, True, True), "cutmix": (float, 0, None, True, True),
+    "smoothing": (float, 0, 1, True, False), "drop_path": (float, 0, 1, True, False),
+    "ema_decay": (float, 0, 1, True, False), "re_prob": (float, 0, 1, True, True),
+    "val_fraction": (float, 0, 1, False, False),
+}
+
+
+def _rule_text(kind, lo, hi, lo_in, hi_in) -> str:
+    what = "an integer" if kind is int else "a number"
+    if hi is None:
+        return f"{what} {'>=' if lo_in else '>'} {lo}"
+    return f"{what} in {'[' if lo_in else '('}{lo}, {hi}{']' if hi_in else ')'}"
+
+
+def _validate(cfg: "TrainConfig") -> None:
+    """A ``ValueError`` / ``TypeError`` naming the field, its value and what is allowed."""
+    for name, (kind, lo, hi, lo_in, hi_in) in _RULES.items():
+        v = getattr(cfg, name)
+        if v is None and name not in ("epochs", "batch_size", "img_size"):
+            continue
+        ok_type = isinstance(v, int) if kind is int else isinstance(v, (int, float))
+        if isinstance(v, bool) or not ok_type:
+            raise TypeError(f"{name} must be {_rule_text(kind, lo, hi, lo_in, hi_in)}, got {v!r}")
+        if not math.isfinite(v) or (v < lo if lo_in else v <= lo) or (
+                hi is not None and (v > hi if hi_in else v >= hi)):
+            raise ValueError(f"{name} must be {_rule_text(kind, lo, hi, lo_in, hi_in)}, got {v!r}")
+    choices = {"amp": ("auto", "bf16", "fp16", "off"), "shapes_target": ("label", "mask")}
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {getattr(cfg, name)!r}")
+    if cfg.device != "auto":
+        try:
+            torch.device(cfg.device)
+        except (RuntimeError, TypeError, ValueError):
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:<index>', got {cfg.device!r}") from None
+    if cfg.warmup_epochs >= cfg.epochs > 1:
+        warnings.warn(f"warmup_epochs ({cfg.warmup_epochs}) >= epochs ({cfg.epochs}): the whole run is warm-up "
+                      f"and the learning rate never reaches its peak", stacklevel=3)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -377,11 +424,18 @@ def build_datasets(cfg: TrainConfig):
         if not cfg.data_dir:
             raise ValueError("dataset 'imagefolder' needs data_dir (--data-dir): a folder with train/<class>/* and "
                              "val/<class>/*; or use --dataset digits / shapes, which need no download")
+        if os.path.exists(cfg.data_dir) and not os.path.isdir(cfg.data_dir):
+            raise ValueError(f"data_dir {cfg.data_dir} is a file; give the folder that holds train/ and val/")
         from timm.data import create_transform
 
         val_tf = create_transform(cfg.img_size, is_training=False, interpolation="bicubic", crop_pct=0.9)
-        train_tf = create_transform(cfg.img_size, is_training=True, auto_augment=cfg.auto_augment, re_prob=cfg.re_prob,
-                                    re_mode="pixel", interpolation="random", color_jitter=0.4) if cfg.augment else val_tf
+        try:
+            train_tf = create_transform(cfg.img_size, is_training=True, auto_augment=cfg.auto_augment,
+                                        re_prob=cfg.re_prob, re_mode="pixel", interpolation="random",
+                                        color_jitter=0.4) if cfg.augment else val_tf
+        except (AssertionError, ValueError, KeyError) as e:  # timm asserts on an unknown policy
+            raise ValueError(f"auto_augment (--aa) {cfg.auto_augment!r} is not a timm augmentation policy such as "
+                             f"'rand-m9-mstd0.5-inc1' ({e}); 'none' switches it off") from None
         return D.image_folder_datasets(cfg.data_dir, train_tf, val_tf)
     raise ValueError(f"unknown dataset {cfg.dataset!r}")
 
@@ -489,9 +543,17 @@ def _resolve_device(device: str, d: _Dist) -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("device 'cuda' was asked for but no CUDA device is available; use --device cpu")
+            raise ValueError(f"device {device!r} was asked for but this machine has no CUDA device that PyTorch "
+                             f"can use; use --device cpu (or 'auto')")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} "
+                             f"CUDA device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
         if d.enabled or dev.index is None:
             dev = torch.device("cuda", d.local_rank if d.enabled else torch.cuda.current_device())
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r} was asked for but MPS is not available here; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {device!r} is not supported for training; use 'auto', 'cpu' or 'cuda'")
     return dev
 
 
@@ -537,21 +599,147 @@ class _Shard(torch.utils.data.Sampler):
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def _atomic_save(obj: Any, path: str) -> None:
+class SaveError(OSError):
+    """A run file could not be written (disk full, no permission, ...). The message says which
+    file and why; the previous version of the file is kept and no partial file is left."""
+
+
+_WHY = {errno.ENOSPC: "the disk is full", getattr(errno, "EDQUOT", -1): "the disk quota is exceeded",
+        errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+        errno.EROFS: "the filesystem is read-only", errno.ENOTDIR: "a part of the path is a file, not a folder"}
+
+
+def _why(e: OSError, folder: str) -> str:
+    why = _WHY.get(e.errno) or e.strerror or str(e)
+    if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        with contextlib.suppress(OSError):
+            why += f" ({_size(shutil.disk_usage(folder).free)} free there)"
+    return why
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def _write_atomic(path: str, write: Callable[[Any], None]) -> None:
+    """Write ``path`` through ``path.tmp`` then ``os.replace``: a reader (or a run killed at
+    any instant) sees the old file or the new one, never a part. On failure the ``.tmp`` is
+    removed and a :class:`SaveError` says what failed."""
     tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:  # also Ctrl-C in the middle of a write: no partial file stays
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            kept = "the previous version is kept" if os.path.exists(path) else "nothing was written"
+            err = SaveError(f"could not write {path}: {_why(e, os.path.dirname(os.path.abspath(path)))}; {kept}")
+            err.errno = e.errno
+            raise err from e
+        raise
+
+
+def _atomic_save(obj: Any, path: str) -> None:
+    _write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def _atomic_write_text(text: str, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    _write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def _atomic_copy(src: str, dst: str) -> None:
+    def copy(f):
+        with open(src, "rb") as g:
+            shutil.copyfileobj(g, f, 1 << 20)
+    _write_atomic(dst, copy)
+
+
+RUN_FILES = ("latest.pt", "best.pt", "metrics.jsonl", "config.json")
+
+
+def _prepare_output(out: str, config_text: str) -> None:
+    """Create the run folder and write ``config.json`` (the test write) before any training:
+    a folder under a file, without permission or on a read-only filesystem is reported now,
+    not after the first epoch. Leftover ``*.tmp`` files of a killed run are removed."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SaveError(f"cannot use {out} as the output folder: it is a file")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        parent = os.path.abspath(out)
+        while parent and not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        why = f"{parent} is a file, not a folder" if os.path.isfile(parent) else _why(e, parent)
+        raise SaveError(f"cannot create the output folder {out}: {why}") from None
+    for name in RUN_FILES:
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(out, name + ".tmp"))
+    try:
+        _atomic_write_text(config_text, os.path.join(out, "config.json"))
+    except SaveError as e:
+        raise SaveError(f"the output folder {out} is not writable: {e}") from None
+
+
+def _checkpoint_bytes(model: nn.Module, ema: bool) -> int:
+    """About the size of a training checkpoint: weights, AdamW's two moments, EMA weights."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    moments = 2 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return weights * (2 if ema else 1) + moments
+
+
+def _warn_if_little_space(out: str, per_file: int, files: int) -> None:
+    with contextlib.suppress(OSError):
+        free = shutil.disk_usage(out).free
+        if free < per_file * files:
+            warnings.warn(f"{out} has {_size(free)} free but each checkpoint takes about {_size(per_file)} and "
+                          f"{files} may be on disk at once (latest.pt, best.pt and the one being written): "
+                          f"saving is likely to fail; free some space or choose another --output-dir",
+                          stacklevel=3)
+
+
+def _saved_epoch(path: str) -> Optional[int]:
+    """The ``epoch`` recorded in a training checkpoint, ``None`` if it is missing or unreadable."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["epoch"])
+    except Exception:
+        return None
+
+
+def _repair_best(resume: Dict[str, Any], best: str) -> None:
+    """Make ``best.pt`` agree with the ``best_epoch`` that ``latest.pt`` records.
+
+    ``fit`` writes ``latest.pt`` before ``best.pt``; a run stopped between the two leaves
+    ``best.pt`` one improvement behind, and then the best epoch is the latest one, so
+    ``latest.pt`` is copied over it."""
+    want, epoch = resume.get("best_epoch"), int(resume["epoch"])
+    if want is None or os.path.abspath(resume["path"]) == os.path.abspath(best):
+        return
+    have = _saved_epoch(best) if os.path.exists(best) else None
+    if have == want:
+        return
+    if want == epoch:
+        _atomic_copy(resume["path"], best)
+        _print0(f"note: best.pt held {f'epoch {have}' if have else 'no checkpoint'} but the best epoch is "
+                f"{want} (the run stopped between writing latest.pt and best.pt); restored it from latest.pt")
+    else:
+        warnings.warn(f"{best} holds {f'epoch {have}' if have else 'no checkpoint'}, not the best epoch {want} "
+                      f"that {resume['path']} records, and that epoch's weights are not on disk any more",
+                      stacklevel=3)
 
 
 def _checkpoint_path(path: str) -> str:
     if os.path.isdir(path):
+        if not os.path.exists(os.path.join(path, "latest.pt")) and os.path.exists(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"{path} holds no checkpoint yet: the run stopped before its first epoch "
+                                    f"ended; start it again with --output-dir {path}")
         path = os.path.join(path, "latest.pt")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -707,6 +895,10 @@ def fit(cfg: TrainConfig, model: Optional[nn.Module] = None, train_set=None, val
             raise ValueError(f"empty dataset: {len(train_set)} training and {len(val_set)} validation samples")
         classes = tuple(getattr(train_set, "classes", ()) or ()) or None
         dense = _targets_are_dense(train_set)
+        if classes is not None and len(classes) == 1 and not dense:
+            warnings.warn(f"the training data has a single class ({classes[0]!r}): every prediction is right, the "
+                          f"loss goes to 0 and the accuracy is 1.0 whatever the model learns; an image folder "
+                          f"needs one subfolder per class", stacklevel=2)
         per_rank = len(train_set) // d.world
         if cfg.batch_size > per_rank:
             where = f" per process ({d.world} processes)" if d.enabled else ""
@@ -774,6 +966,12 @@ def fit(cfg: TrainConfig, model: Optional[nn.Module] = None, train_set=None, val
         from timm.scheduler import create_scheduler_v2
         global_batch = cfg.batch_size * d.world
         lr = cfg.lr if cfg.lr is not None else cfg.lr_base * global_batch / 1024
+        if lr >= 1.0:
+            warnings.warn(f"peak learning rate {lr:.3g} is far above the usual 1e-4..1e-2 for AdamW: training is "
+                          f"likely to diverge", stacklevel=2)
+        if cfg.min_lr > lr:
+            warnings.warn(f"min_lr ({cfg.min_lr:.3g}) is above the peak lr ({lr:.3g}): the schedule rises",
+                          stacklevel=2)
         optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay,
                                         filter_bias_and_bn=True)
         scheduler, total_epochs = create_scheduler_v2(
@@ -797,18 +995,20 @@ def fit(cfg: TrainConfig, model: Optional[nn.Module] = None, train_set=None, val
                 optimizer.load_state_dict(resume["optimizer"])
             except ValueError as e:
                 raise CheckpointError(f"optimizer state in {resume['path']} does not fit ({e})") from e
-            scheduler.load_state_dict(resume["scheduler"])
+            start_epoch = int(resume["epoch"])
+            _restore_schedule(scheduler, resume, cfg, start_epoch, start_epoch * steps_per_epoch, total_epochs)
             if scaler is not None and resume.get("scaler"):
                 scaler.load_state_dict(resume["scaler"])
             if ema is not None:
                 if resume.get("state_dict_ema") is None:
                     raise CheckpointError(f"{resume['path']} has no EMA weights; resume without --ema")
                 ema.module.load_state_dict(resume["state_dict_ema"])
-            start_epoch = int(resume["epoch"])
-            history = list(resume.get("history", []))
+            history = list(resume.get("history", []))[:start_epoch]
             best_metric, best_epoch = resume.get("best_metric"), resume.get("best_epoch")
             if start_epoch >= total_epochs:
-                _print0(f"{resume['path']} already finished its {total_epochs} epochs; nothing to train")
+                _print0(f"{resume['path']} already finished its {start_epoch} epochs and {total_epochs} were asked "
+                        f"for; nothing to train (to train on, resume with --epochs {start_epoch + 10}, say: the "
+                        f"learning-rate schedule is then re-planned)")
 
         # ---- output folder: never overwrite another run
         out = cfg.output_dir
@@ -822,6 +1022,20 @@ def fit(cfg: TrainConfig, model: Optional[nn.Module] = None, train_set=None, val
             if not resuming_here and any(os.path.exists(p) for p in (latest, best)):
                 raise FileExistsError(f"{out} already holds a training run (latest.pt / best.pt); resume it with "
                                       f"--resume {out} or choose another --output-dir")
+            # created and test-written now, before any training; best.pt repaired if a kill left it behind
+            failure = None
+            if d.main:
+                try:
+                    _prepare_output(out, json.dumps(cfg.to_dict(), indent=2) + "\n")
+                    if resuming_here:
+                        _repair_best(resume, best)
+                    _atomic_write_text("".join(json.dumps(h) + "\n" for h in history), metrics_path)
+                    files = 2 if resuming_here else 3
+                    _warn_if_little_space(out, _checkpoint_bytes(model, ema is not None), files)
+                except OSError as e:
+                    failure = e
+            if not _all_ok(failure is None, d, device):
+                raise failure if failure is not None else SaveError(f"rank 0 could not prepare {out}")
 
         # ---- DDP
         net = model
@@ -839,9 +1053,6 @@ def fit(cfg: TrainConfig, model: Optional[nn.Module] = None, train_set=None, val
 
         metric_name = metric.name
         step = start_epoch * steps_per_epoch
-        if out is not None and d.main and resume is not None:
-            os.makedirs(out, exist_ok=True)
-            _atomic_write_text("".join(json.dumps(h) + "\n" for h in history), metrics_path)
         for epoch in range(start_epoch, total_epochs):
             _seed_all(_epoch_seed(cfg.seed, epoch, d.rank))
             sampler.set_epoch(epoch)
@@ -909,8 +1120,8 @@ def fit(cfg: TrainConfig, model: Optional[nn.Module] = None, train_set=None, val
             bar.set_postfix({"train_loss": f"{entry['train_loss']:.4f}", "val_loss": f"{entry['val_loss']:.4f}",
                              f"val_{metric_name}": f"{entry[f'val_{metric_name}']:.4f}"}, refresh=True)
             bar.close()
+            failure = None
             if out is not None and d.main:
-                os.makedirs(out, exist_ok=True)
                 ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
                         "state_dict_ema": ema.module.state_dict() if ema is not None else None,
@@ -918,15 +1129,17 @@ def fit(cfg: TrainConfig, model: Optional[nn.Module] = None, train_set=None, val
                         "best_metric": best_metric, "best_epoch": best_epoch, "metric_name": metric_name,
                         "classes": classes, "num_classes": num_classes, "model_name": model_name, "lr": lr,
                         "fec_core_version": _version()}
-                _atomic_save(ckpt, latest)
-                if improved:
-                    _atomic_save(ckpt, best)
-                if epoch == start_epoch:
-                    _atomic_write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", os.path.join(out, "config.json"))
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(entry) + "\n")
-            if d.enabled:
-                dist.barrier()
+                # order matters: latest.pt first (a kill before best.pt is repaired on resume, see
+                # _repair_best), the log last (rewritten whole from the checkpoint's history on resume)
+                try:
+                    _atomic_save(ckpt, latest)
+                    if improved:
+                        _atomic_save(ckpt, best)
+                    _atomic_write_text("".join(json.dumps(h) + "\n" for h in history), metrics_path)
+                except SaveError as e:
+                    failure = e
+            if not _all_ok(failure is None, d, device):
+                raise failure if failure is not None else SaveError(f"rank 0 could not save epoch {epoch + 1}")
         if progress and d.main and best_metric is not None:
             _print0(f"best val {metric_name} {best_metric:.4f} (epoch {best_epoch})"
                     + (f"; run folder: {out}" if out else ""))
@@ -938,6 +1151,43 @@ def fit(cfg: TrainConfig, model: Optional[nn.Module] = None, train_set=None, val
         torch.set_num_threads(threads_before)
         if d.owned and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _all_ok(ok: bool, d: _Dist, device: torch.device) -> bool:
+    """Whether every process is ``ok`` (rank 0's file work failing must stop all ranks, not hang them)."""
+    if not d.enabled:
+        return ok
+    flag = torch.tensor([0.0 if ok else 1.0], device=device)
+    dist.all_reduce(flag)
+    return flag.item() == 0
+
+
+_SCHEDULE_FIELDS = ("epochs", "warmup_epochs", "cooldown_epochs", "lr", "lr_base", "min_lr", "warmup_lr", "sched",
+                    "batch_size")
+
+
+def _restore_schedule(scheduler, resume: Dict[str, Any], cfg: TrainConfig, start_epoch: int, step: int,
+                      total_epochs: int) -> None:
+    """Continue the saved learning-rate schedule, or re-plan it when the user changed it.
+
+    timm's scheduler state is its plan (``t_initial``, ``warmup_t``, base rates, ...). When it
+    equals the plan built from ``cfg`` the run continues exactly. Otherwise (``--resume RUN
+    --epochs 40`` on a 20-epoch run, another ``--lr``, ...) the new plan is kept, as if the
+    run had been started with it, continuing at update ``step``, and the log says so."""
+    saved, fresh = resume["scheduler"], scheduler.state_dict()
+    if saved == fresh:
+        scheduler.load_state_dict(saved)
+        return
+    old = resume.get("config", {})
+    changes = [f"{k} {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in _SCHEDULE_FIELDS
+               if k in old and old.get(k) != getattr(cfg, k)]
+    why = ", ".join(changes) or "the number of steps per epoch changed"
+    scheduler.step_update(num_updates=step)
+    lr = max(g["lr"] for g in scheduler.optimizer.param_groups)
+    if start_epoch < total_epochs:
+        _print0(f"note: the learning-rate schedule is re-planned ({why}): training continues at epoch "
+                f"{start_epoch + 1} of {total_epochs} with lr {lr:.3g}, as if the run had started with these "
+                f"settings")
 
 
 def _current_lr(optimizer) -> float:
@@ -1082,13 +1332,46 @@ def _config_from_args(args: Dict[str, Any]) -> TrainConfig:
     return cfg
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of ``python -m fec_core.train`` (and ``fec-train``)."""
-    from .checkpoint import CheckpointError
+def _run_folder(cfg: Optional[TrainConfig]) -> Optional[str]:
+    if cfg is None:
+        return None
+    if cfg.output_dir:
+        return cfg.output_dir
+    if cfg.resume:
+        return cfg.resume if os.path.isdir(cfg.resume) else os.path.dirname(cfg.resume) or "."
+    return None
 
+
+def _resume_hint(cfg: Optional[TrainConfig]) -> str:
+    out = _run_folder(cfg)
+    if out and os.path.isfile(os.path.join(out, "latest.pt")):
+        return (f"the last completed epoch is saved in {os.path.join(out, 'latest.pt')}; continue with: "
+                f"python -m fec_core.train --resume {out}")
+    return "no epoch had completed, so nothing was saved"
+
+
+def _print_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``python -m fec_core.train`` (and ``fec-train``).
+
+    Exit codes: 0 done, 2 a clear error (bad value, missing file, failed save, diverged
+    training, out of memory; one line, no traceback), 130 interrupted (Ctrl-C; the line says
+    how to resume)."""
     p = _parser()
     ns = vars(p.parse_args(argv))
     evaluate_only, progress = ns.get("evaluate", False), ns.get("progress", True)
+    with warnings.catch_warnings():
+        warnings.showwarning = _print_warning
+        return _main(ns, evaluate_only, progress)
+
+
+def _main(ns: Dict[str, Any], evaluate_only: bool, progress: bool) -> int:
+    from .checkpoint import CheckpointError
+
+    cfg = None
     try:
         cfg = _config_from_args(ns)
         if evaluate_only:
@@ -1096,6 +1379,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if cfg.output_dir is None and cfg.resume is None:
             cfg.output_dir = os.path.join("runs", f"{cfg.dataset}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}")
         result = fit(cfg, progress=progress)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {_resume_hint(cfg)}", file=sys.stderr)
+        return 130
+    except (FloatingPointError, SaveError, torch.OutOfMemoryError) as e:
+        advice = "; lower --batch-size" if isinstance(e, torch.OutOfMemoryError) else ""
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {first}{advice}\n{_resume_hint(cfg)}", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError, FileExistsError, CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
