@@ -29,13 +29,30 @@ averaged over samples. :class:`Accuracy` and :class:`MeanIoU` are provided.
 
 What ``fit`` writes to ``output_dir`` (``None``: nothing): ``latest.pt`` and ``best.pt`` (model,
 optimizer, scheduler, grad scaler, EMA, epoch, config, history), ``metrics.jsonl`` (one JSON
-line per epoch) and ``config.json``. Files are replaced atomically and only after an epoch
-has completed; a directory that already holds a run is refused unless it is resumed.
+line per epoch) and ``config.json``. A directory that already holds a run is refused unless
+it is resumed. Nothing is lost whatever instant the run is killed at (tested by a SIGKILL
+before and after every write):
+
+* the folder is created and ``config.json`` written *before* training, so a folder under a
+  file, without permission or on a read-only disk is reported at once (and little free
+  space is warned about);
+* every file is written to ``name.tmp``, flushed to disk and renamed over ``name``; a failed
+  write (disk full, permission) raises :class:`SaveError` naming the file and the reason,
+  keeps the previous version and removes the ``.tmp``;
+* after each epoch ``latest.pt`` is written first, then ``best.pt`` (if the epoch improved),
+  then the log. On resume a ``best.pt`` left one improvement behind is restored from
+  ``latest.pt`` and the log is rewritten from the checkpoint's history.
+
+Resuming with the same settings continues exactly. Resuming with other ``epochs`` (or another
+lr, warm-up, ...) re-plans the learning-rate schedule as if the run had started with the new
+settings and says so (``--resume RUN --epochs 40`` on a finished 20-epoch run trains epochs
+21-40 on the second half of a 40-epoch cosine). Bad settings raise a ``ValueError`` naming the
+field and what it accepts; settings that are almost surely mistakes warn.
 
 Command line (``python -m fec_core.train --help``)::
 
     python -m fec_core.train --dataset digits                     # CPU, a few minutes
-    python -m fec_core.train --resume runs/digits-fec_tiny-...    # continue that run
+    python -m fec_core.train --resume runs/digits-fec_tiny-...    # continue that run (also after Ctrl-C)
     python -m fec_core.train --dataset digits --evaluate --resume runs/digits-fec_tiny-.../best.pt
     torchrun --nproc_per_node=8 -m fec_core.train --data-dir /data/imagenet --model fec_small
 
@@ -83,7 +100,7 @@ import torch.nn as nn
 
 __all__ = ["TrainConfig", "PRESETS", "PAPER_RECIPE", "FitResult", "fit", "evaluate", "build_datasets", "build_model",
            "load_pretrained", "freeze_similarity", "plot_history", "read_history", "Metric", "Accuracy", "MeanIoU",
-           "BatchMean", "main"]
+           "BatchMean", "SaveError", "main"]
 
 # ----------------------------------------------------------------------------- configuration
 #: The paper's ImageNet-1k recipe (``dataset='imagefolder'``); ``batch_size`` is per process
@@ -1277,7 +1294,7 @@ def _parser() -> argparse.ArgumentParser:
     a("--model", help="timm model name (fec_tiny, fec_small, fec_base, fec_large)")
     a("--img-size", dest="img_size", type=int)
     a("--num-classes", dest="num_classes", type=int)
-    a("--epochs", type=int)
+    a("--epochs", type=int, help="with --resume: another number re-plans the learning-rate schedule (said in the log)")
     a("-b", "--batch-size", dest="batch_size", type=int, help="per process")
     a("--lr", type=float, help="peak lr (default: lr-base x global batch / 1024)")
     a("--lr-base", dest="lr_base", type=float, help="lr per 1024 images (paper: 1e-3)")
