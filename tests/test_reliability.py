@@ -117,13 +117,20 @@ def test_best_behind_latest_is_repaired_on_resume(tmp_path, capsys):
     assert best["epoch"] == 1 and all(torch.equal(best["model"][k], ck["model"][k]) for k in ck["model"])
 
 
+def _default_sigint():
+    """A child of a shell's background job inherits SIGINT ignored; a terminal's Ctrl-C is not."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child process is POSIX")
 def test_ctrl_c_says_how_to_resume_and_the_resume_extends_the_schedule(tmp_path):
     """Ctrl-C (SIGINT) in the middle of a CLI run: exit 130, one line that names the command
     to continue, no traceback. Resuming with fewer epochs than planned re-plans the schedule
     and says so; the run then ends at the asked-for epoch."""
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "fec_core.train", *TINY, "--epochs", "500", "--output-dir",
-                             str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+                             str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT,
+                            preexec_fn=_default_sigint)
     deadline = time.time() + 240
     while not (out / "metrics.jsonl").exists() or not (out / "latest.pt").exists():
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
