@@ -161,10 +161,14 @@ def test_resume_with_more_epochs_follows_the_longer_schedule(tmp_path, capsys):
     lrs = [h["lr"] for h in res.history]
     assert lrs[2:] == pytest.approx([h["lr"] for h in planned4.history][2:], rel=1e-12)
     assert lrs[2] > 5 * lrs[1]  # the old schedule had reached its minimum (1e-5)
-    # the same epochs continue the saved schedule exactly (nothing re-planned)
+    # the same epochs: nothing to train, nothing re-planned; fewer epochs than done: refused
     fit(tiny_cfg(tmp_path, epochs=4, resume=str(tmp_path)), model=tiny_fec(), train_set=train, val_set=val,
         progress=False)
-    assert "schedule is re-planned (" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "schedule is re-planned (" not in out and "already finished its 4 epochs; nothing to train" in out
+    with pytest.raises(ValueError, match="epochs 3 is fewer than the 4 epochs .* has already trained"):
+        fit(tiny_cfg(tmp_path, epochs=3, resume=str(tmp_path)), model=tiny_fec(), train_set=train, val_set=val,
+            progress=False)
 
 
 # ----------------------------------------------------------------------------- disks
@@ -187,10 +191,12 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path):
             pytest.skip("fec_tiny's checkpoints do not fit in the small filesystem")
         assert code == 0, err[-2000:]
         before = open(os.path.join(out, "latest.pt"), "rb").read()
-        _fill(small)
+        _fill(small, leave=256 * 1024)  # room for config.json and the log, not for a checkpoint
         code, _, err = cli("fec_core.train", "--resume", out, "--epochs", "2", "--no-progress")
         assert code == 2 and no_traceback(err), err[-2000:]
-        assert "could not write" in err and "the disk is full" in err and "previous version is kept" in err
+        assert "warning: " in err and "saving is likely to fail" in err  # said before training
+        assert "could not write" in err and "latest.pt: the disk is full" in err
+        assert "previous version is kept" in err
         assert f"--resume {out}" in err
         assert open(os.path.join(out, "latest.pt"), "rb").read() == before
         assert not [n for n in os.listdir(out) if n.endswith(".tmp")]

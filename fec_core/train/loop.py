@@ -252,6 +252,10 @@ def _resume(run: _Run, resume: Dict[str, Any]) -> None:
     except ValueError as e:
         raise CheckpointError(f"optimizer state in {resume['path']} does not fit ({e})") from e
     run.start_epoch = start = int(resume["epoch"])
+    if run.cfg.epochs < start:
+        raise ValueError(f"epochs {run.cfg.epochs} is fewer than the {start} epochs {resume['path']} has already "
+                         f"trained; to train on, resume with --epochs {start + 10}, say (the learning-rate schedule "
+                         f"is then re-planned); to use the weights, load best.pt or latest.pt")
     _restore_schedule(run.scheduler, resume, run.cfg, start, start * run.steps_per_epoch, run.total_epochs)
     if run.scaler is not None and resume.get("scaler"):
         run.scaler.load_state_dict(resume["scaler"])
@@ -262,9 +266,8 @@ def _resume(run: _Run, resume: Dict[str, Any]) -> None:
     run.history = list(resume.get("history", []))[:start]
     run.best_metric, run.best_epoch = resume.get("best_metric"), resume.get("best_epoch")
     if start >= run.total_epochs:
-        print0(f"{resume['path']} already finished its {start} epochs and {run.total_epochs} were asked "
-               f"for; nothing to train (to train on, resume with --epochs {start + 10}, say: the "
-               f"learning-rate schedule is then re-planned)")
+        print0(f"{resume['path']} already finished its {start} epochs; nothing to train (to train on, resume "
+               f"with --epochs {start + 10}, say: the learning-rate schedule is then re-planned)")
 
 
 def _open_run_folder(run: _Run, resume: Optional[Dict[str, Any]]) -> None:
@@ -288,7 +291,7 @@ def _open_run_folder(run: _Run, resume: Optional[Dict[str, Any]]) -> None:
             if here:
                 repair_best(resume, run.best)
             atomic_write_text(_jsonl(run.history), run.metrics_path)
-            warn_if_little_space(out, checkpoint_bytes(run.model, run.ema is not None), 2 if here else 3)
+            warn_if_little_space(out, checkpoint_bytes(run.model, run.ema is not None), 1 if here else 3)
         except OSError as e:
             failure = e
     if not all_ok(failure is None, run.d, run.device):

@@ -65,12 +65,24 @@ def _write_atomic(path: str, write: Callable[[Any], None]) -> None:
     except BaseException as e:  # also Ctrl-C in the middle of a write: no partial file stays
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        if isinstance(e, OSError):
+        cause = _os_error(e)
+        if cause is not None:
             kept = "the previous version is kept" if os.path.exists(path) else "nothing was written"
-            err = SaveError(f"could not write {path}: {_why(e, os.path.dirname(os.path.abspath(path)))}; {kept}")
-            err.errno = e.errno
+            err = SaveError(f"could not write {path}: {_why(cause, os.path.dirname(os.path.abspath(path)))}; {kept}")
+            err.errno = cause.errno
             raise err from e
         raise
+
+
+def _os_error(e: BaseException) -> Optional[OSError]:
+    """The ``OSError`` behind ``e``: ``torch.save`` can turn a failed write into a
+    ``RuntimeError`` ("unexpected pos ...") raised while handling the ``OSError``."""
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, OSError):
+            return e
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
 
 
 def atomic_save(obj: Any, path: str) -> None:
@@ -122,13 +134,15 @@ def checkpoint_bytes(model: nn.Module, ema: bool) -> int:
 
 
 def warn_if_little_space(out: str, per_file: int, files: int) -> None:
+    """Warn before training when ``out`` has less room than ``files`` checkpoints need (3 for a
+    new run: latest.pt, best.pt and the one being written; 1 when resuming in place)."""
     with contextlib.suppress(OSError):
         free = shutil.disk_usage(out).free
         if free < per_file * files:
-            warnings.warn(f"{out} has {_size(free)} free but each checkpoint takes about {_size(per_file)} and "
-                          f"{files} may be on disk at once (latest.pt, best.pt and the one being written): "
-                          f"saving is likely to fail; free some space or choose another --output-dir",
-                          stacklevel=3)
+            what = "latest.pt, best.pt and the one being written" if files > 1 else "the one being written"
+            warnings.warn(f"{out} has {_size(free)} free but a checkpoint takes about {_size(per_file)} and the run "
+                          f"needs room for {files} more ({what}): saving is likely to fail; free some space or "
+                          f"choose another --output-dir", stacklevel=3)
 
 
 def _saved_epoch(path: str) -> Optional[int]:
