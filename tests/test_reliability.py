@@ -448,3 +448,15 @@ def test_visualize_save_failure_leaves_no_partial_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="could not write .*old.png: the disk is full"):
         save_figure(fig, str(tmp_path / "old.png"))
     assert (tmp_path / "old.png").read_bytes() == b"old" and sorted(os.listdir(tmp_path)) == ["old.png"]
+
+
+def test_cli_out_of_memory_is_one_line(tmp_path, capsys, monkeypatch):
+    """Memory running out (simulated: the size that needs it differs per machine) is a message."""
+    import fec_core.train.loop as loop
+
+    def no_memory(cfg):
+        raise MemoryError("Unable to allocate 71.5 GiB for an array")
+    monkeypatch.setattr(loop, "build_datasets", no_memory)
+    assert main([*TINY, "--epochs", "1", "--output-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: out of memory (Unable to allocate") and "--batch-size or --img-size" in err

@@ -152,6 +152,12 @@ def _main(ns: Dict[str, Any], evaluate_only: bool, progress: bool) -> int:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"error: {first}{advice}\n{_resume_hint(cfg)}", file=sys.stderr)
         return 2
+    except (RuntimeError, MemoryError) as e:
+        if not isinstance(e, MemoryError) and "not enough memory" not in str(e) and "out of memory" not in str(e):
+            raise  # a bug: keep its traceback
+        print(f"error: out of memory ({str(e).strip().splitlines()[0][-120:]}); lower --batch-size or --img-size"
+              f"\n{_resume_hint(cfg)}", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError, FileExistsError, CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
@@ -191,6 +192,10 @@ def _validate(cfg: "TrainConfig") -> None:
             torch.device(cfg.device)
         except (RuntimeError, TypeError, ValueError):
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:<index>', got {cfg.device!r}") from None
+    cpus = os.cpu_count() or 1
+    if cfg.workers > 4 * cpus:
+        warnings.warn(f"workers {cfg.workers} is far more than this machine's {cpus} CPUs: each is a process "
+                      f"holding a copy of the dataset object", stacklevel=3)
     if cfg.warmup_epochs >= cfg.epochs > 1:
         warnings.warn(f"warmup_epochs ({cfg.warmup_epochs}) >= epochs ({cfg.epochs}): the whole run is warm-up "
                       f"and the learning rate never reaches its peak", stacklevel=3)
