@@ -22,6 +22,9 @@ Without ``--checkpoint`` the weights are random (the command says so).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
+import errno
 import math
 import os
 import sys
@@ -34,7 +37,8 @@ import torch
 from .interpret import LayerMap, match_labels
 
 __all__ = ["PALETTE", "mean_colors", "palette_colors", "boundaries", "paint", "plot_layers", "plot_regions",
-           "save_figure", "load_image", "input_multiple", "prepare_image", "build_model", "main"]
+           "save_figure", "check_output", "load_image", "input_multiple", "fed_size", "prepare_image",
+           "estimate_macs", "build_model", "main"]
 
 #: A fixed palette for region panels (matplotlib's tab10 followed by tab20's light shades).
 PALETTE = np.array([
@@ -172,14 +176,68 @@ def plot_regions(image, regions: Sequence, titles: Optional[Sequence[str]] = Non
 
 
 def save_figure(fig, path: str, dpi: int = 150) -> str:
-    """Save ``fig`` as PNG (creating the folder) and close it; returns the path."""
+    """Save ``fig`` as PNG (creating the folder) and close it; returns the path.
+
+    Written through ``path.tmp`` and renamed: a failed save (disk full, no permission)
+    raises an ``OSError`` that says so, leaves no partial file and keeps an older ``path``."""
     import matplotlib.pyplot as plt
 
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fig.savefig(path, dpi=dpi, format="png")
-    plt.close(fig)
+    try:
+        check_output(path)
+        tmp = path + ".tmp"
+        try:
+            fig.savefig(tmp, dpi=dpi, format="png")
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
+    except OSError as e:
+        if isinstance(e, _OutputError):
+            raise
+        raise _OutputError(f"could not write {path}: {_reason(e)}") from e
+    finally:
+        plt.close(fig)
     return path
+
+
+class _OutputError(OSError):
+    """The output file cannot be written (the message says why)."""
+
+
+def _reason(e: OSError) -> str:
+    reasons = {errno.ENOSPC: "the disk is full", errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+               errno.EROFS: "the filesystem is read-only", errno.ENOTDIR: "a part of the path is a file",
+               errno.EISDIR: "it is a folder"}
+    return reasons.get(e.errno) or e.strerror or str(e)
+
+
+def check_output(path: str) -> None:
+    """Make sure ``path`` can be written (its folder is created), before any long work:
+    an ``OSError`` names the problem (a folder in the path is a file, ``path`` is a folder,
+    no permission, read-only filesystem). Writes and removes a small probe file."""
+    if not path:
+        raise _OutputError("the output path is empty")
+    if os.path.isdir(path):
+        raise _OutputError(f"cannot write {path}: it is a folder; give a file name such as {os.path.join(path, 'clusters.png')}")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        parent = folder
+        while parent and not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        why = f"{parent} is a file, not a folder" if os.path.isfile(parent) else _reason(e)
+        raise _OutputError(f"cannot write {path}: {why}") from None
+    probe = path + ".tmp"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"probe")
+    except OSError as e:
+        raise _OutputError(f"cannot write {path}: {_reason(e)}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(probe)
 
 
 # ---------------------------------------------------------------------------- command line
@@ -195,6 +253,8 @@ def load_image(path: str) -> np.ndarray:
         with Image.open(path) as img:
             img.load()
             return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"cannot read image {path}: {e}") from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise ValueError(f"cannot read image {path}: not an image Pillow can open ({e})") from e
 
@@ -219,17 +279,49 @@ def input_multiple(model) -> int:
     raise ValueError(f"no input size fits the folds {folds}")
 
 
+def fed_size(height: int, width: int, size: int, multiple: int) -> Tuple[int, int]:
+    """The ``(H', W')`` that :func:`prepare_image` resizes a ``height x width`` image to."""
+    scale = size / min(height, width)
+    nh = max(multiple, int(round(height * scale / multiple)) * multiple)
+    nw = max(multiple, int(round(width * scale / multiple)) * multiple)
+    return nh, nw
+
+
 def prepare_image(image: np.ndarray, size: int, multiple: int) -> np.ndarray:
     """Resize so the shorter side is about ``size`` and both sides are multiples of ``multiple``
     (aspect ratio kept up to that rounding). ``[H, W, 3]`` -> ``[H', W', 3]``."""
     from PIL import Image
 
-    h, w = image.shape[:2]
-    scale = size / min(h, w)
-    nh = max(multiple, int(round(h * scale / multiple)) * multiple)
-    nw = max(multiple, int(round(w * scale / multiple)) * multiple)
+    nh, nw = fed_size(*image.shape[:2], size, multiple)
     img = Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8))
     return np.asarray(img.resize((nw, nh), Image.BICUBIC), dtype=np.float32) / 255.0
+
+
+def estimate_macs(model, height: int, width: int) -> int:
+    """Multiply-accumulates of one forward pass of ``model`` on a ``height x width`` image,
+    without running it (chapter 9's :func:`fec_core.profile.count_macs` on a shape-only copy
+    of the model, device ``'meta'``).
+
+    Up to 320 x 320 pixels the count is direct. Beyond, it is extrapolated from two counts at
+    small square sizes as ``a P + b P^2`` in the pixel count ``P``: the pooling layers compare
+    every point of a fold region with every center of it (a quarter as many), so their work
+    grows with the square of the pixels per region; the rest grows linearly. Measured on
+    ``fec_tiny`` / ``fec_small`` up to 672 x 672 the extrapolation is within 0.3%.
+    """
+    from .profile import count_macs
+
+    shape_only = copy.deepcopy(model).to("meta")
+    if height * width <= 320 * 320:
+        return count_macs(shape_only, (height, width))
+    m = input_multiple(model)
+    s1 = m * max(1, 128 // m)
+    s2 = 2 * s1
+    p1, p2 = s1 * s1, s2 * s2
+    c1, c2 = count_macs(shape_only, s1), count_macs(shape_only, s2)
+    b = (c2 / p2 - c1 / p1) / (p2 - p1)
+    a = c1 / p1 - b * p1
+    p = height * width
+    return int(a * p + b * p * p)
 
 
 def build_model(name: str, checkpoint: Optional[str] = None):
@@ -274,38 +366,117 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--color", choices=("mean", "palette"), default="mean", help="cluster colors (default mean)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and of k-means")
     p.add_argument("-o", "--output", default="clusters.png", help="PNG to write (default clusters.png)")
+    p.add_argument("--max-gmacs", dest="max_gmacs", type=float, default=MAX_GMACS,
+                   help=f"refuse inputs whose forward pass needs more than this many billion multiply-accumulates "
+                        f"(default {MAX_GMACS:g}: seconds to a minute on a CPU)")
+    p.add_argument("--force", action="store_true", help="go ahead above --max-gmacs")
     return p
 
 
+#: Work above which ``fec-visualize`` asks for ``--force`` (billions of multiply-accumulates).
+#: For scale: 224 x 224 takes 0.26 GMACs on fec_tiny and 1.35 on fec_small; the pooling
+#: layers' work grows with the square of the pixels (``--size 2000`` on fec_tiny: ~850 GMACs).
+MAX_GMACS = 50.0
+
+
+def _check_args(args) -> None:
+    if args.size < 32:
+        raise ValueError(f"--size must be at least 32, got {args.size}")
+    if args.clusters < 0:
+        raise ValueError(f"--clusters must be 0 (no merge panel) or a positive k, got {args.clusters}")
+    if args.head < -1:
+        raise ValueError(f"--head must be a head index (0, 1, ...) or -1 for every head, got {args.head}")
+    if not 0 <= args.seed < 2 ** 32:
+        raise ValueError(f"--seed must be in [0, 2**32), got {args.seed}")
+    if not (math.isfinite(args.max_gmacs) and args.max_gmacs > 0):
+        raise ValueError(f"--max-gmacs must be a positive number, got {args.max_gmacs}")
+
+
+def _check_layers_and_head(model, multiple: int, layers: str, head: int) -> None:
+    """A dry run on the smallest input (``2 multiple`` square: milliseconds) checks ``--layers``
+    and ``--head`` before the real work."""
+    from .interpret import select_layers, trace_clusters
+
+    _, maps, _ = trace_clusters(model, torch.zeros(1, 3, 2 * multiple, 2 * multiple))
+    shown = select_layers(maps, layers, head=None)
+    heads = {}
+    for m in shown:
+        if m.head is not None:
+            heads[m.name] = max(heads.get(m.name, 0), m.head + 1)
+    if head < 0 or not heads:
+        return
+    if head >= max(heads.values()):
+        raise ValueError(f"--head {head} does not exist: the encode layers drawn have "
+                         f"{'/'.join(map(str, sorted(set(heads.values()))))} heads (use 0..{max(heads.values()) - 1}, "
+                         f"or -1 for every head)")
+    fewer = [n for n, k in heads.items() if head >= k]
+    if fewer:
+        print(f"note: --head {head}: {len(fewer)} of {len(heads)} encode layers have fewer heads and are not drawn "
+              f"({', '.join(fewer[:3])}{', ...' if len(fewer) > 3 else ''})")
+
+
+def _check_cost(model, name: str, h: int, w: int, args) -> None:
+    if h * w <= 320 * 320:
+        return  # any FEC variant: a second or two
+    macs = estimate_macs(model, h, w)
+    if macs > args.max_gmacs * 1e9 and not args.force:
+        raise ValueError(f"the image would be fed as {w}x{h} pixels (width x height), about {macs / 1e9:,.0f} "
+                         f"GMACs for {name} (224x224: {estimate_macs(model, 224, 224) / 1e9:.2f}); that is above "
+                         f"--max-gmacs {args.max_gmacs:g} and could run for a very long time or run out of memory "
+                         f"(the pooling layers' work grows with the square of the pixels). Use a smaller --size "
+                         f"or crop the image (a very long strip is scaled by its short side), or pass --force "
+                         f"to go ahead")
+    if macs > 10e9:
+        print(f"note: {w}x{h} pixels, about {macs / 1e9:,.0f} GMACs: this can take a while")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of ``python -m fec_core.visualize`` / ``fec-visualize``; returns the exit code."""
+    """Entry point of ``python -m fec_core.visualize`` / ``fec-visualize``; returns the exit code
+    (0 done, 2 a clear one-line error, 130 interrupted). Every argument, the output path and
+    the cost of the input are checked before the long work starts."""
     args = _parser().parse_args(argv)
     from .checkpoint import CheckpointError
+
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {args.output} was not written", file=sys.stderr)
+        return 130
+    except (FileNotFoundError, IsADirectoryError, ValueError, CheckpointError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
     from .data import normalize
     from .interpret import merge_regions, select_layers, trace_clusters
 
-    try:
-        if args.size < 32:
-            raise ValueError(f"--size must be at least 32, got {args.size}")
-        image = load_image(args.image)
-        torch.manual_seed(args.seed)
-        model, message = build_model(args.model, args.checkpoint)
-        print(message)
-        model.eval()
-        x_img = prepare_image(image, args.size, input_multiple(model))
-        x = normalize(torch.from_numpy(x_img).permute(2, 0, 1).unsqueeze(0))
-        _, maps, feats = trace_clusters(model, x)
-        shown = select_layers(maps, args.layers, head=None if args.head < 0 else args.head)
-        regions = None
-        if args.clusters > 0:
-            last = [m for m in maps if m.kind in ("stem", "pool")][-1]
-            regions = merge_regions(feats[-1], last.labels, min(args.clusters, last.num_clusters), seed=args.seed)
-        fig = plot_layers(x_img, shown, regions, color=args.color)
-        save_figure(fig, args.output)
-    except (FileNotFoundError, IsADirectoryError, ValueError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    h, w = x_img.shape[:2]
+    _check_args(args)
+    check_output(args.output)
+    if os.path.splitext(args.output)[1].lower() not in (".png", ""):
+        print(f"note: {args.output} will hold a PNG image whatever its extension")
+    image = load_image(args.image)
+    torch.manual_seed(args.seed)
+    model, message = build_model(args.model, args.checkpoint)
+    print(message)
+    model.eval()
+    multiple = input_multiple(model)
+    h, w = fed_size(*image.shape[:2], args.size, multiple)
+    _check_layers_and_head(model, multiple, args.layers, args.head)
+    _check_cost(model, args.model, h, w, args)
+    x_img = prepare_image(image, args.size, multiple)
+    x = normalize(torch.from_numpy(x_img).permute(2, 0, 1).unsqueeze(0))
+    _, maps, feats = trace_clusters(model, x)
+    shown = select_layers(maps, args.layers, head=None if args.head < 0 else args.head)
+    regions = None
+    if args.clusters > 0:
+        last = [m for m in maps if m.kind in ("stem", "pool")][-1]
+        if args.clusters > last.num_clusters:
+            print(f"note: --clusters {args.clusters} is more than the {last.num_clusters} final clusters; "
+                  f"using {last.num_clusters}")
+        regions = merge_regions(feats[-1], last.labels, min(args.clusters, last.num_clusters), seed=args.seed)
+    fig = plot_layers(x_img, shown, regions, color=args.color)
+    save_figure(fig, args.output)
     print(f"{args.image}: fed as {w}x{h} pixels (width x height), {len(shown)} layer panels"
           f"{f', k-means k={args.clusters}' if regions is not None else ''} -> {args.output}")
     return 0

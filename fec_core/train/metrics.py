@@ -1,0 +1,149 @@
+"""Metrics accumulated over batches and reduced over processes (chapter 10):
+:class:`Accuracy`, :class:`MeanIoU` (with :func:`iou_per_class`), :class:`BatchMean`.
+
+Our own rather than ``torchmetrics`` (not a dependency) or ``timm.utils.accuracy`` (a
+per-batch function): the state here is summed across DDP processes at the end of an epoch."""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+__all__ = ["Metric", "Accuracy", "iou_per_class", "MeanIoU", "BatchMean", "as_metric"]
+
+class Metric:
+    """A metric accumulated over batches: ``reset()``, ``update(output, target)``, ``compute()``.
+
+    State lives in ``self.state`` (a dict of tensors that are *summed* across processes under
+    DDP). ``compute()`` returns a dict whose first key (:attr:`name`) is the main metric
+    (higher is better; it picks ``best.pt``).
+    """
+
+    name = "metric"
+
+    def __init__(self):
+        self.state: Dict[str, torch.Tensor] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        raise NotImplementedError
+
+    def update(self, output: torch.Tensor, target: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def compute(self) -> Dict[str, float]:
+        raise NotImplementedError
+
+    def all_reduce(self) -> None:
+        """Sum the state over all processes (a no-op without torch.distributed)."""
+        if dist.is_available() and dist.is_initialized():
+            for k, v in self.state.items():
+                t = v.clone()
+                dist.all_reduce(t)
+                self.state[k] = t
+
+
+class Accuracy(Metric):
+    """Top-1 accuracy ``'acc'`` (and top-5 ``'acc5'`` with ``topk=(1, 5)``) of logits ``[B, K]``
+    against class indices ``[B]`` (or soft targets ``[B, K]``, their argmax)."""
+
+    name = "acc"
+
+    def __init__(self, topk: Sequence[int] = (1,)):
+        self.topk = tuple(topk)
+        super().__init__()
+
+    def reset(self) -> None:
+        self.state = {"correct": torch.zeros(len(self.topk), dtype=torch.float64), "count": torch.zeros((), dtype=torch.float64)}
+
+    def update(self, output: torch.Tensor, target: torch.Tensor) -> None:
+        if target.ndim == 2:
+            target = target.argmax(1)
+        k = min(max(self.topk), output.shape[1])
+        pred = output.topk(k, dim=1).indices
+        hit = pred.eq(target.view(-1, 1))
+        correct = torch.stack([hit[:, :min(t, k)].any(1).sum() for t in self.topk]).to(torch.float64)
+        dev = self.state["correct"].device
+        if dev != correct.device:
+            self.state = {k_: v.to(correct.device) for k_, v in self.state.items()}
+        self.state["correct"] += correct
+        self.state["count"] += target.numel()
+
+    def compute(self) -> Dict[str, float]:
+        n = max(self.state["count"].item(), 1.0)
+        return {("acc" if t == 1 else f"acc{t}"): self.state["correct"][i].item() / n for i, t in enumerate(self.topk)}
+
+
+def iou_per_class(confusion: torch.Tensor) -> torch.Tensor:
+    """IoU of every class from a confusion matrix ``[K, K]`` (row: true, column: predicted),
+    ``TP / (TP + FP + FN)``; NaN for a class neither present nor predicted. The mean over the
+    non-NaN entries is the mIoU of :class:`MeanIoU` (its ``state['confusion']``)."""
+    conf = confusion.double()
+    tp = conf.diag()
+    union = conf.sum(0) + conf.sum(1) - tp
+    return torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
+
+
+class MeanIoU(Metric):
+    """Semantic segmentation: mean intersection-over-union ``'miou'`` and pixel accuracy
+    ``'pixel_acc'`` from a confusion matrix. ``output`` logits ``[B, K, h, w]`` (upsampled
+    bilinearly to the target's size when they differ), ``target`` ``[B, H, W]`` class indices;
+    pixels equal to ``ignore_index`` are skipped; classes absent from both prediction and
+    target are left out of the mean."""
+
+    name = "miou"
+
+    def __init__(self, num_classes: int, ignore_index: int = 255):
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        super().__init__()
+
+    def reset(self) -> None:
+        self.state = {"confusion": torch.zeros(self.num_classes, self.num_classes, dtype=torch.float64)}
+
+    def update(self, output: torch.Tensor, target: torch.Tensor) -> None:
+        if output.shape[-2:] != target.shape[-2:]:
+            output = nn.functional.interpolate(output.float(), size=target.shape[-2:], mode="bilinear",
+                                               align_corners=False)
+        pred, target = output.argmax(1).flatten(), target.flatten()
+        keep = target != self.ignore_index
+        k = self.num_classes
+        cm = torch.bincount(target[keep] * k + pred[keep], minlength=k * k).reshape(k, k).to(torch.float64)
+        self.state["confusion"] = self.state["confusion"].to(cm.device) + cm
+
+    def compute(self) -> Dict[str, float]:
+        cm = self.state["confusion"]
+        iou = iou_per_class(cm)
+        miou = iou.nanmean().item() if not iou.isnan().all() else 0.0
+        return {"miou": miou, "pixel_acc": (cm.diag().sum() / cm.sum().clamp_min(1)).item()}
+
+
+class BatchMean(Metric):
+    """Wraps a plain ``fn(output, target) -> float`` (a batch mean): the sample-weighted mean."""
+
+    def __init__(self, fn: Callable, name: Optional[str] = None):
+        self.fn = fn
+        self.name = name or getattr(fn, "__name__", "metric")
+        super().__init__()
+
+    def reset(self) -> None:
+        self.state = {"sum": torch.zeros((), dtype=torch.float64), "count": torch.zeros((), dtype=torch.float64)}
+
+    def update(self, output: torch.Tensor, target: torch.Tensor) -> None:
+        value = self.fn(output, target)
+        value = value.item() if isinstance(value, torch.Tensor) else float(value)
+        self.state["sum"] += value * len(target)
+        self.state["count"] += len(target)
+
+    def compute(self) -> Dict[str, float]:
+        return {self.name: self.state["sum"].item() / max(self.state["count"].item(), 1.0)}
+
+
+def as_metric(metric) -> Metric:
+    """``metric`` as a :class:`Metric` (a plain function becomes a :class:`BatchMean`)."""
+    if metric is None or isinstance(metric, Metric):
+        return metric
+    if callable(metric):
+        return BatchMean(metric)
+    raise TypeError(f"metric must be a fec_core.train.Metric or a function (output, target) -> float, got {metric!r}")

@@ -1,0 +1,209 @@
+"""The files of a run (chapter 10): ``latest.pt``, ``best.pt``, ``metrics.jsonl``,
+``config.json``, written so that nothing is lost whatever instant the run is killed at.
+
+Every file goes through ``name.tmp``, fsync and a rename (:func:`atomic_save`); a failed write
+raises :class:`SaveError` (which file, why: disk full, permission, read-only) and keeps the
+previous version. ``latest.pt`` is written before ``best.pt``; :func:`repair_best` restores a
+``best.pt`` that a kill between the two left behind. Not ``timm.utils.CheckpointSaver``: it
+keeps a top-k of files named by epoch and writes with ``torch.save`` to the final directory
+entry, with no repair of a pair that a kill left inconsistent."""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import warnings
+from typing import Any, Callable, Dict, Optional
+
+import torch
+import torch.nn as nn
+
+from .distributed import print0
+
+__all__ = ["SaveError", "RUN_FILES", "atomic_save", "atomic_write_text", "atomic_copy", "prepare_output",
+           "checkpoint_bytes", "warn_if_little_space", "repair_best", "checkpoint_path", "read_training_checkpoint",
+           "load_model_state"]
+
+class SaveError(OSError):
+    """A run file could not be written (disk full, no permission, ...). The message says which
+    file and why; the previous version of the file is kept and no partial file is left."""
+
+
+_WHY = {errno.ENOSPC: "the disk is full", getattr(errno, "EDQUOT", -1): "the disk quota is exceeded",
+        errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+        errno.EROFS: "the filesystem is read-only", errno.ENOTDIR: "a part of the path is a file, not a folder"}
+
+
+def _why(e: OSError, folder: str) -> str:
+    why = _WHY.get(e.errno) or e.strerror or str(e)
+    if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        with contextlib.suppress(OSError):
+            why += f" ({_size(shutil.disk_usage(folder).free)} free there)"
+    return why
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def _write_atomic(path: str, write: Callable[[Any], None]) -> None:
+    """Write ``path`` through ``path.tmp`` then ``os.replace``: a reader (or a run killed at
+    any instant) sees the old file or the new one, never a part. On failure the ``.tmp`` is
+    removed and a :class:`SaveError` says what failed."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:  # also Ctrl-C in the middle of a write: no partial file stays
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        cause = _os_error(e)
+        if cause is not None:
+            kept = "the previous version is kept" if os.path.exists(path) else "nothing was written"
+            err = SaveError(f"could not write {path}: {_why(cause, os.path.dirname(os.path.abspath(path)))}; {kept}")
+            err.errno = cause.errno
+            raise err from e
+        raise
+
+
+def _os_error(e: BaseException) -> Optional[OSError]:
+    """The ``OSError`` behind ``e``: ``torch.save`` can turn a failed write into a
+    ``RuntimeError`` ("unexpected pos ...") raised while handling the ``OSError``."""
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, OSError):
+            return e
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    _write_atomic(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(text: str, path: str) -> None:
+    _write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def atomic_copy(src: str, dst: str) -> None:
+    def copy(f):
+        with open(src, "rb") as g:
+            shutil.copyfileobj(g, f, 1 << 20)
+    _write_atomic(dst, copy)
+
+
+RUN_FILES = ("latest.pt", "best.pt", "metrics.jsonl", "config.json")
+
+
+def prepare_output(out: str, config_text: str) -> None:
+    """Create the run folder and write ``config.json`` (the test write) before any training:
+    a folder under a file, without permission or on a read-only filesystem is reported now,
+    not after the first epoch. Leftover ``*.tmp`` files of a killed run are removed."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SaveError(f"cannot use {out} as the output folder: it is a file")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        parent = os.path.abspath(out)
+        while parent and not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        why = f"{parent} is a file, not a folder" if os.path.isfile(parent) else _why(e, parent)
+        raise SaveError(f"cannot create the output folder {out}: {why}") from None
+    for name in RUN_FILES:
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(out, name + ".tmp"))
+    try:
+        atomic_write_text(config_text, os.path.join(out, "config.json"))
+    except SaveError as e:
+        raise SaveError(f"the output folder {out} is not writable: {e}") from None
+
+
+def checkpoint_bytes(model: nn.Module, ema: bool) -> int:
+    """About the size of a training checkpoint: weights, AdamW's two moments, EMA weights."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    moments = 2 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return weights * (2 if ema else 1) + moments
+
+
+def warn_if_little_space(out: str, per_file: int, files: int) -> None:
+    """Warn before training when ``out`` has less room than ``files`` checkpoints need (3 for a
+    new run: latest.pt, best.pt and the one being written; 1 when resuming in place)."""
+    with contextlib.suppress(OSError):
+        free = shutil.disk_usage(out).free
+        if free < per_file * files:
+            what = "latest.pt, best.pt and the one being written" if files > 1 else "the one being written"
+            warnings.warn(f"{out} has {_size(free)} free but a checkpoint takes about {_size(per_file)} and the run "
+                          f"needs room for {files} more ({what}): saving is likely to fail; free some space or "
+                          f"choose another --output-dir", stacklevel=3)
+
+
+def _saved_epoch(path: str) -> Optional[int]:
+    """The ``epoch`` recorded in a training checkpoint, ``None`` if it is missing or unreadable."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["epoch"])
+    except Exception:
+        return None
+
+
+def repair_best(resume: Dict[str, Any], best: str) -> None:
+    """Make ``best.pt`` agree with the ``best_epoch`` that ``latest.pt`` records.
+
+    ``fit`` writes ``latest.pt`` before ``best.pt``; a run stopped between the two leaves
+    ``best.pt`` one improvement behind, and then the best epoch is the latest one, so
+    ``latest.pt`` is copied over it."""
+    want, epoch = resume.get("best_epoch"), int(resume["epoch"])
+    if want is None or os.path.abspath(resume["path"]) == os.path.abspath(best):
+        return
+    have = _saved_epoch(best) if os.path.exists(best) else None
+    if have == want:
+        return
+    if want == epoch:
+        atomic_copy(resume["path"], best)
+        print0(f"note: best.pt held {f'epoch {have}' if have else 'no checkpoint'} but the best epoch is "
+                f"{want} (the run stopped between writing latest.pt and best.pt); restored it from latest.pt")
+    else:
+        warnings.warn(f"{best} holds {f'epoch {have}' if have else 'no checkpoint'}, not the best epoch {want} "
+                      f"that {resume['path']} records, and that epoch's weights are not on disk any more",
+                      stacklevel=3)
+
+
+def checkpoint_path(path: str) -> str:
+    if os.path.isdir(path):
+        if not os.path.exists(os.path.join(path, "latest.pt")) and os.path.exists(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"{path} holds no checkpoint yet: the run stopped before its first epoch "
+                                    f"ended; start it again with --output-dir {path}")
+        path = os.path.join(path, "latest.pt")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return path
+
+
+def read_training_checkpoint(path: str) -> Dict[str, Any]:
+    from ..checkpoint import CheckpointError
+
+    path = checkpoint_path(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: it is corrupt or not a PyTorch file ({e})") from e
+    if not isinstance(ckpt, dict) or "optimizer" not in ckpt or "config" not in ckpt:
+        raise CheckpointError(f"{path} is not a fec_core training checkpoint (no optimizer/config state); "
+                              f"to start from released weights use --pretrained {path}")
+    ckpt["path"] = path
+    return ckpt
+
+
+def load_model_state(model: nn.Module, state: Dict[str, torch.Tensor], source: str, saved_for: str) -> None:
+    """Strict load with a readable error for a checkpoint of another architecture."""
+    from ..checkpoint import raise_if_mismatch
+
+    raise_if_mismatch(model.state_dict(), state, f"checkpoint {source} does not fit this model: it was saved for {saved_for}")
+    model.load_state_dict(state)
