@@ -2,7 +2,13 @@
 """The project's two commands, with nothing but Python 3.10+ needed to start them.
 
     python3 dev.py book   # set up .venv, execute every chapter, build the site (_build/html)
-    python3 dev.py test   # set up .venv, run the unit tests and re-run every notebook (nbval)
+    python3 dev.py test   # set up .venv, unit tests, every notebook once (alone, outputs compared), site
+    python3 dev.py test --cpu-compat   # the same (without the site) on another CPU code path
+
+``--cpu-compat`` sets ``MKL_CBWR=COMPATIBLE`` (MKL's portable code path) and
+``ATEN_CPU_CAPABILITY=default`` (PyTorch's non-vectorized kernels), the arithmetic a reader
+with another CPU may get; the tests check that the setting took
+(``torch.backends.cpu.get_cpu_capability() == 'DEFAULT'``). ``.ci/run`` runs both.
 
 Both create ``.venv`` (``python3 -m venv``) and install ``fec_core`` with its ``book``
 and ``dev`` extras on first use, and again whenever ``pyproject.toml`` changes.
@@ -22,6 +28,10 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 PY = VENV / "bin" / "python"
 STAMP = VENV / ".installed-stamp"
+
+
+#: Another CPU code path (``test --cpu-compat``): MKL's portable path, PyTorch's scalar kernels.
+CPU_COMPAT = {"MKL_CBWR": "COMPATIBLE", "ATEN_CPU_CAPABILITY": "default", "FEC_EXPECT_CPU_CAPABILITY": "DEFAULT"}
 
 
 def run(cmd, **kw) -> int:
@@ -73,8 +83,17 @@ def main(argv=None) -> int:
         return run([PY, "-m", "fec_core.bookbuild", "build", "--execute", *rest], env=env)
     if cmd == "site":
         return run([PY, "-m", "fec_core.bookbuild", "build", *rest], env=env)
-    ensure_browser()
-    return run([PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests", "--nbval", "book", *rest], env=env)
+    pytest = [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests", "book/test_book.py"]
+    if os.cpu_count() and os.cpu_count() > 1:  # one worker per core; the site's tests stay on one
+        pytest += ["-n", str(min(os.cpu_count(), 4)), "--dist", "loadgroup"]
+        env.setdefault("OMP_NUM_THREADS", "1")  # workers side by side, not threads fighting for cores
+    if "--cpu-compat" in rest:
+        rest.remove("--cpu-compat")
+        env.update(CPU_COMPAT)
+        pytest += ["-m", "not browser"]  # the site does not depend on the CPU's arithmetic
+    else:
+        ensure_browser()
+    return run([*pytest, *rest], env=env)
 
 
 if __name__ == "__main__":

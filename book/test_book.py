@@ -4,8 +4,9 @@
 * every notebook's first code cell is the Colab install cell, pointing at the repository set
   in ``_config.yml`` (the one place the address is written);
 * every ``{cite}`` key is in ``references.bib``;
-* (slow) every notebook, copied ALONE into an empty folder, executes with ``fec_core``
-  installed, as in Colab, and writes no file next to itself;
+* (slow) every notebook, copied ALONE into an empty folder, executes once with ``fec_core``
+  installed, as in Colab, writes no file next to itself, and reproduces its stored outputs by
+  nbval's rules (cells tagged ``nbval-ignore-output`` run but are not compared);
 * (slow, browser) the site builds from the stored outputs with warnings as errors, and every
   chapter page, opened in headless Debian chromium, loads without console errors, has its
   math typeset by MathJax, its figures loaded and its Colab launch button. A screenshot of
@@ -146,17 +147,84 @@ def test_notebook_has_one_title_and_valid_citations(path):
                 f"{path.name} reads a repository file, which Colab does not have:\n{cell.source[:300]}"
 
 
-# --------------------------------------------------------------------------- stand-alone execution
+# --------------------------------------------------------------------------- one execution, two checks
+# nbval's rules (nbval 0.11, without --nbval-lax or sanitizers): these output fields are not
+# compared, streams of one name are merged, and cells tagged nbval-ignore-output (or with an
+# NBVAL_IGNORE_OUTPUT comment) are run but not compared; nbval-skip cells are not run.
+NBVAL_NOT_COMPARED = {"metadata", "traceback", "prompt_number", "output_type", "name", "execution_count",
+                      "application/vnd.jupyter.widget-view+json", "image/png", "image/jpeg"}
+_CR = re.compile(r"^.*\r(?=[^\n])", re.M)
+
+
+def _cell_mode(cell) -> str:
+    """'skip', 'ignore' or 'check', from the cell's nbval tags or comment markers."""
+    tags = set(cell.metadata.get("tags", []))
+    comments = {line.strip().lstrip("#").strip() for line in cell.source.splitlines()
+                if line.strip().startswith("#")}
+    if "nbval-skip" in tags or "NBVAL_SKIP" in comments:
+        return "skip"
+    if "nbval-ignore-output" in tags or "NBVAL_IGNORE_OUTPUT" in comments:
+        return "ignore"
+    return "check"
+
+
+def _comparable(outputs) -> dict:
+    """A cell's outputs as nbval compares them: {field: [values in order]}."""
+    fields, streams = {}, {}
+    for out in outputs:
+        if out.get("output_type") == "stream":
+            streams[out["name"]] = streams.get(out["name"], "") + out.get("text", "")
+            continue
+        for key, value in out.items():
+            if key in NBVAL_NOT_COMPARED:
+                continue
+            items = value.items() if key == "data" else [(key, value)]
+            for k, v in items:
+                if k not in NBVAL_NOT_COMPARED:
+                    fields.setdefault(k, []).append(v)
+    for name, text in streams.items():  # a carriage return overwrites its line, as nbval has it
+        fields.setdefault(name, []).append(_CR.sub("", text))
+    return fields
+
+
+def _output_differences(stored, executed) -> list:
+    """Human-readable differences between two notebooks' checked cells (nbval's rules)."""
+    import difflib
+
+    problems = []
+    cells = [(s, e) for s, e in zip(stored.cells, executed.cells) if s.cell_type == "code"]
+    for number, (s, e) in enumerate(cells, start=1):
+        if _cell_mode(s) != "check":
+            continue
+        want, got = _comparable(s.outputs), _comparable(e.outputs)
+        if want == got:
+            continue
+        lines = [f"code cell {number} ({s.source.splitlines()[0][:60] if s.source else ''}...):"]
+        for key in sorted(set(want) | set(got)):
+            a, b = want.get(key, []), got.get(key, [])
+            if a != b:
+                diff = difflib.unified_diff("\n".join(map(str, a)).splitlines(), "\n".join(map(str, b)).splitlines(),
+                                            "stored", "executed", lineterm="", n=1)
+                lines.append(f"  {key}:\n    " + "\n    ".join(list(diff)[:40]))
+        problems.append("\n".join(lines))
+    return problems
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs_alone(path, tmp_path):
-    """The Colab situation: only the notebook file exists, fec_core is installed."""
+def test_notebook(path, tmp_path):
+    """Each chapter executes ONCE, copied alone into an empty folder with ``fec_core`` installed
+    (the Colab situation), writes no file next to itself, and reproduces its stored outputs by
+    nbval's rules (``pytest --nbval`` would execute it a second time)."""
     from nbclient import NotebookClient
 
     alone = tmp_path / path.name
     shutil.copy(path, alone)
+    stored = nbformat.read(alone, as_version=4)
     nb = nbformat.read(alone, as_version=4)
+    nb.cells = [c for c in nb.cells if c.cell_type != "code" or _cell_mode(c) != "skip"]
+    stored.cells = [c for c in stored.cells if c.cell_type != "code" or _cell_mode(c) != "skip"]
     for cell in nb.cells:
         if cell.cell_type == "code":
             cell.outputs = []
@@ -166,6 +234,34 @@ def test_notebook_runs_alone(path, tmp_path):
                    resources={"metadata": {"path": str(tmp_path)}}).execute()
     left = sorted(p.name for p in tmp_path.iterdir() if p.name not in (path.name, ".ipynb_checkpoints"))
     assert not left, f"{path.name} wrote files next to itself (use a temporary directory): {left}"
+    problems = _output_differences(stored, nb)
+    assert not problems, (f"{path.name}: outputs differ from the stored ones "
+                          f"(re-execute with `python -m fec_core.bookbuild execute {path.relative_to(ROOT)}` "
+                          "if the change is intended):\n" + "\n".join(problems))
+
+
+def test_output_comparison_follows_nbval_rules():
+    """The comparison above catches a changed number and ignores what nbval ignores."""
+    def cell(outputs, tags=()):
+        c = nbformat.v4.new_code_cell("print(1)", outputs=[nbformat.from_dict(o) for o in outputs])
+        c.metadata["tags"] = list(tags)
+        return c
+
+    def nb(*cells):
+        return nbformat.v4.new_notebook(cells=list(cells))
+
+    text = {"output_type": "stream", "name": "stdout", "text": "loss 0.25\n"}
+    split = [{"output_type": "stream", "name": "stdout", "text": "loss "},
+             {"output_type": "stream", "name": "stdout", "text": "0.25\n"}]
+    other = {"output_type": "stream", "name": "stdout", "text": "loss 0.26\n"}
+    png = {"output_type": "display_data", "data": {"image/png": "AAA", "text/plain": "<Figure>"}, "metadata": {}}
+    png2 = {"output_type": "display_data", "data": {"image/png": "BBB", "text/plain": "<Figure>"}, "metadata": {}}
+    assert _output_differences(nb(cell([text])), nb(cell(split))) == []           # streams merged
+    assert _output_differences(nb(cell([png])), nb(cell([png2]))) == []            # images not compared
+    assert _output_differences(nb(cell([text], ["nbval-ignore-output"])), nb(cell([other]))) == []
+    assert _output_differences(nb(cell([text])), nb(cell([other])))                # a changed number
+    assert _output_differences(nb(cell([text])), nb(cell([])))                     # a missing output
+    assert _cell_mode(nbformat.v4.new_code_cell("# NBVAL_SKIP\nx = 1")) == "skip"
 
 
 # --------------------------------------------------------------------------- the site in a browser
@@ -266,6 +362,7 @@ IMAGES = ("return Array.from(document.querySelectorAll('.cell_output img'))"
 
 @pytest.mark.slow
 @pytest.mark.browser
+@pytest.mark.xdist_group("site")  # one worker builds the site and runs the browser
 @pytest.mark.timeout(2400)
 @pytest.mark.parametrize("page", PAGES)
 def test_chapter_page_in_browser(page, site, browser):
@@ -322,6 +419,7 @@ def test_chapter_page_in_browser(page, site, browser):
 
 @pytest.mark.slow
 @pytest.mark.browser
+@pytest.mark.xdist_group("site")  # one worker builds the site and runs the browser
 def test_bibliography_page_in_browser(site, browser):
     browser.get(f"{site}/book/bibliography.html")
     assert _wait(browser, "return document.readyState === 'complete';")

@@ -9,6 +9,7 @@
 * :mod:`fec_core.interpret` / :mod:`fec_core.visualize`: cluster maps traced to pixels, figures, CLI.
 * :mod:`fec_core.seg`: Semantic FPN head, segmentation on ``shapes``, a torchvision detection backbone.
 * :mod:`fec_core.kernels` / :mod:`fec_core.bench`: the Triton kernel (optional) and the benchmark.
+* :mod:`fec_core.numerics`: the numerical contract of the argmax (tolerances, checks).
 * :mod:`fec_core.profile`: parameter and MAC counting. :mod:`fec_core.bookbuild`: the book's tooling.
 
 Importing ``fec_core`` registers the variants with timm.
@@ -21,7 +22,7 @@ with _warnings.catch_warnings():
     _warnings.filterwarnings("ignore", message="IProgress not found")
     import timm as _timm  # noqa: F401
 
-from . import clustering
+from . import clustering, numerics
 from .checkpoint import CheckpointError, load_checkpoint, read_state_dict
 from .clustering import (aggregate, aggregate_dense, assign, assign_nearest, centers, cluster_encode,
                          cluster_pool, dispatch, dispatch_dense, gate, one_hot, similarity)
