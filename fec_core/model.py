@@ -9,7 +9,14 @@ After ``import fec_core`` the variants are timm models::
 
     timm.create_model('fec_small', num_classes=10, drop_path_rate=0.1)
     timm.create_model('fec_small', features_only=True, out_indices=(0, 1, 2, 3))
-    timm.create_model('fec_small', setting='seg')       # or 'fec_small_seg', 'fec_small_det'
+    timm.create_model('fec_small_seg', features_only=True)  # or setting='seg'; 'fec_small_det'
+
+As every timm model, ``forward`` returns one tensor (logits, or pooled features
+without a classifier); the four stage outputs come from ``features_only=True`` or
+:meth:`FEC.forward_intermediates`. The models script (``torch.jit.script``), trace
+(``torch.fx``, torchvision's feature extraction), compile (``torch.compile(...,
+fullgraph=True)``) and export (``torch.export``, ONNX): input checks run in eager
+mode and step aside under tracing.
 
 Official checkpoints (keys ``patch_embed.*``, ``network.*``) are mapped by
 :func:`checkpoint_filter_fn`; :func:`fec_core.load_checkpoint` loads a file.
@@ -151,10 +158,12 @@ class FEC(nn.Module):
         proposal: center grid ``(w, h)`` (or an int) of the encode layers, per stage.
         fold: region folding ``(w, h)`` (or an int) per stage; stage ``i``'s pooling uses ``fold[i]``.
         num_classes: classifier size (0: no classifier). dense: per-stage GroupNorms for
-            dense prediction and no classifier (the official ``fork_feat``).
+            dense prediction and no classifier (the official ``fork_feat``); the last one
+            normalizes :meth:`forward_features`.
         literal: use the literal dense clustering path (for teaching and testing).
-    Input ``[B, in_chans, H, W]``; ``forward`` returns logits ``[B, num_classes]`` or, when
-    ``dense``, the four normalized stage outputs (strides 4, 8, 16, 32).
+    Input ``[B, in_chans, H, W]``; ``forward`` returns logits ``[B, num_classes]`` (pooled
+    features ``[B, C4]`` without a classifier); :meth:`forward_intermediates` the four stage
+    outputs (strides 4, 8, 16, 32), normalized per stage when ``dense``.
     """
 
     def __init__(self, layers: Sequence[int] = (3, 4, 5, 2), embed_dims: Sequence[int] = (32, 64, 196, 320),
