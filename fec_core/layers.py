@@ -68,7 +68,11 @@ def _check_fold(name: str, w: int, h: int, fold: Tuple[int, int], step: int) -> 
             f"by the fold{hint}")
 
 
-torch.fx.wrap("_check_fold")  # shape checks run in a traced graph instead of being traced
+# FX: the shape check becomes one node of a traced graph (kept by dead-code elimination,
+# as an assert is), and the coordinates one call, instead of being traced into.
+torch.fx.wrap("_check_fold")
+if hasattr(torch.fx.node, "has_side_effect"):
+    torch.fx.node.has_side_effect(_check_fold)
 torch.fx.wrap("point_coordinates")
 
 

@@ -438,12 +438,12 @@ default_cfgs = generate_default_cfgs({
     "fec_base.in1k": _cfg(),
     "fec_large.in1k": _cfg(),
     "fec_tiny.untrained": _cfg(input_size=(3, 64, 64), pool_size=(2, 2)),
-    "fec_small_seg.untrained": _cfg(num_classes=0, input_size=(3, 512, 512)),
-    "fec_base_seg.untrained": _cfg(num_classes=0, input_size=(3, 512, 512)),
-    "fec_large_seg.untrained": _cfg(num_classes=0, input_size=(3, 512, 512)),
-    "fec_small_det.untrained": _cfg(num_classes=0, input_size=(3, 800, 1344)),
-    "fec_base_det.untrained": _cfg(num_classes=0, input_size=(3, 800, 1344)),
-    "fec_large_det.untrained": _cfg(num_classes=0, input_size=(3, 800, 1344)),
+    "fec_small_seg.untrained": _cfg(num_classes=0, input_size=(3, 512, 512), pool_size=(16, 16)),
+    "fec_base_seg.untrained": _cfg(num_classes=0, input_size=(3, 512, 512), pool_size=(16, 16)),
+    "fec_large_seg.untrained": _cfg(num_classes=0, input_size=(3, 512, 512), pool_size=(16, 16)),
+    "fec_small_det.untrained": _cfg(num_classes=0, input_size=(3, 800, 1344), pool_size=(25, 42)),
+    "fec_base_det.untrained": _cfg(num_classes=0, input_size=(3, 800, 1344), pool_size=(25, 42)),
+    "fec_large_det.untrained": _cfg(num_classes=0, input_size=(3, 800, 1344), pool_size=(25, 42)),
 })
 
 
