@@ -25,6 +25,8 @@ from fec_core.checkpoint import split_backbone
 from fec_core.model import official_name
 from fec_core.numerics import assert_assignments_close
 
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+
 NAMES = sorted(timm.list_models("fec_*"))
 SIZE = 64  # every setting accepts 64x64 (det: 16x16 stage-0 map in 2x2 fold regions)
 #: Parameters without a gradient, by design: the pooling layers' key convolutions (argmax only).
@@ -108,16 +110,23 @@ def test_features_only_and_forward_intermediates(name):
 
 
 def _fx_model(model):
-    """timm's FX feature extractor of the model's output node (its ``_create_fx_model``)."""
+    """timm's FX feature extractor (its tracer settings: notrace modules and functions) of
+    the model's output, the ``head`` call (timm's test finds the same node by name lists)."""
     tracer_kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions(),
                          param_shapes_constant=True)
-    train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=tracer_kwargs)
-    return create_feature_extractor(model, train_return_nodes=[train_nodes[-1]],
-                                    eval_return_nodes=[eval_nodes[-1]], tracer_kwargs=tracer_kwargs)
+    return create_feature_extractor(model, return_nodes=["head"], tracer_kwargs=tracer_kwargs)
+
+
+@pytest.fixture
+def no_jit_profiling():
+    """As timm's test module: the legacy profiling passes only slow the first calls down."""
+    old = torch._C._jit_set_profiling_mode(False)
+    yield
+    torch._C._jit_set_profiling_mode(old)
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_torchscript_fx_and_fx_torchscript(name):
+def test_torchscript_fx_and_fx_torchscript(name, no_jit_profiling):
     with set_scriptable(True):
         m = timm.create_model(name).eval()
     x = images()
@@ -258,7 +267,7 @@ def test_onnx_runtime_reproduces_logits_and_assignments(exported, tmp_path):
     path = tmp_path / "fec_tiny.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(ep, (images(2),), str(path), dynamo=True, input_names=["images"],
+        torch.onnx.export(ep, (images(2),), str(path), dynamo=True, optimize=False, input_names=["images"],
                           output_names=["logits", "encode_index", "pool_index"], verbose=False)
     onnx.checker.check_model(str(path))
     opts = ort.SessionOptions()
