@@ -231,6 +231,8 @@ def _cosine_argmax(c: torch.Tensor, p: torch.Tensor, max_elements: int) -> torch
     if not torch.jit.is_scripting():
         if _kernels.use_kernel(c, p):
             return _kernels.cosine_argmax(c, p)
+        if torch.compiler.is_compiling():  # torch.compile / torch.export: tiles sized for one
+            return _cosine_argmax_tiles(c, p, _tile_budget(c, max_elements), 1)  # image, any batch
     budget = _tile_budget(c, max_elements)
     b, m, _ = c.shape
     n = p.shape[1]
@@ -241,15 +243,17 @@ def _cosine_argmax(c: torch.Tensor, p: torch.Tensor, max_elements: int) -> torch
         bt = max(1, budget // (m * min_tile))
         parts = []
         for i in range(0, b, bt):
-            parts.append(_cosine_argmax_tiles(c[i:i + bt], p[i:i + bt], budget))
+            parts.append(_cosine_argmax_tiles(c[i:i + bt], p[i:i + bt], budget, c[i:i + bt].shape[0]))
         return torch.cat(parts, dim=0)
-    return _cosine_argmax_tiles(c, p, budget)
+    return _cosine_argmax_tiles(c, p, budget, b)
 
 
-def _cosine_argmax_tiles(c: torch.Tensor, p: torch.Tensor, budget: int) -> torch.Tensor:
-    """:func:`_cosine_argmax` for a batch whose ``B * M * min(N, 128)`` fits the budget
-    (or ``B == 1``): tiles of points, and of centers when one tile of points is too big."""
-    b, m, _ = c.shape
+def _cosine_argmax_tiles(c: torch.Tensor, p: torch.Tensor, budget: int, b: int) -> torch.Tensor:
+    """:func:`_cosine_argmax` for a batch whose ``b * M * min(N, 128)`` fits the budget
+    (or ``b == 1``): tiles of points, and of centers when one tile of points is too big.
+    ``b``: the batch size the tiles are sized for (``c.shape[0]``, or 1 under tracing, where
+    the batch is symbolic: the tiles then depend on the image size only)."""
+    m = c.shape[1]
     n = p.shape[1]
     if b * m * n <= budget:
         return torch.matmul(p, c.transpose(1, 2)).max(dim=-1)[1]
