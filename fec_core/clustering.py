@@ -231,8 +231,10 @@ def _cosine_argmax(c: torch.Tensor, p: torch.Tensor, max_elements: int) -> torch
     if not torch.jit.is_scripting():
         if _kernels.use_kernel(c, p):
             return _kernels.cosine_argmax(c, p)
-        if torch.compiler.is_compiling():  # torch.compile / torch.export: tiles sized for one
-            return _cosine_argmax_tiles(c, p, _tile_budget(c, max_elements), 1)  # image, any batch
+        if torch.compiler.is_compiling() and not isinstance(c.shape[0], int):
+            # traced with a symbolic batch (torch.export, dynamic torch.compile): tiles sized
+            # for one image, so that the graph holds for any batch size
+            return _cosine_argmax_tiles(c, p, _tile_budget(c, max_elements), 1)
     budget = _tile_budget(c, max_elements)
     b, m, _ = c.shape
     n = p.shape[1]
