@@ -239,6 +239,10 @@ class FEC(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
         """Replace the classifier with a fresh one for ``num_classes`` classes (0 removes it)."""
+        if not isinstance(num_classes, numbers.Integral) or isinstance(num_classes, bool) or num_classes < 0:
+            raise ValueError(f"num_classes must be an int >= 0 (0: no classifier), got {num_classes!r}")
+        if global_pool is not None and global_pool not in ("avg", ""):
+            raise ValueError(f"global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
         self.num_classes = num_classes
         if global_pool is not None:
             self.global_pool = global_pool

@@ -305,6 +305,14 @@ def test_bad_image_batches_get_clear_errors():
         assert m.double()(torch.zeros(1, 3, 64, 64, dtype=torch.float64)).dtype == torch.float64
 
 
+def test_bad_classifier_resets_are_named():
+    m = timm.create_model("fec_tiny")
+    with pytest.raises(ValueError, match="num_classes must be an int >= 0.*-1"):
+        m.reset_classifier(-1)
+    with pytest.raises(ValueError, match="global_pool"):
+        m.reset_classifier(3, "max")
+
+
 @pytest.mark.parametrize("kw,match", [
     (dict(fold=0), r"fold\[0\] must be a positive int"),
     (dict(proposal=0), r"proposal\[0\] must be a positive int"),
