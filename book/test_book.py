@@ -123,7 +123,7 @@ def test_first_code_cell_is_the_colab_install_cell(path):
     lines = cell.source.strip().splitlines()
     assert lines[0] == INSTALL_COMMENT, f"{path.name}: first code cell is not the Colab install cell:\n{cell.source}"
     assert 'find_spec("google.colab")' in cell.source, "the install must only run in Colab"
-    m = re.search(r'%pip install -q "fec-core @ git\+(\S+?)"', cell.source)
+    m = re.search(r'%pip install -q "fec-core(?:\[[a-z,]+\])? @ git\+(\S+?)"', cell.source)  # [deploy]: ONNX
     assert m, f"{path.name}: no `%pip install -q \"fec-core @ git+URL\"` in the first code cell"
     assert m.group(1) == _config()["repository"]["url"] + ".git", \
         f"{path.name} installs from {m.group(1)}, _config.yml says {_config()['repository']['url']}"

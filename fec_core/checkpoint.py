@@ -2,22 +2,28 @@
 
 A released checkpoint is a file holding ``state_dict``, ``state_dict_ema``, ``model``
 or a bare state dict, with the official key names (``patch_embed.*``,
-``network.*``), possibly prefixed by ``module.`` (DDP) or ``backbone.``
-(mmsegmentation / mmdetection). :func:`load_checkpoint` maps the keys with
-:func:`fec_core.model.checkpoint_filter_fn` and refuses anything that does not fit,
-naming the missing keys, unexpected keys and shape mismatches.
+``network.*``), possibly prefixed by ``module.`` (DDP). A full MMSegmentation or
+MMDetection checkpoint (``backbone.*`` next to ``neck.*``, ``decode_head.*``,
+``roi_head.*``, ...) gives its backbone: :func:`split_backbone` keeps the
+``backbone.*`` tensors and names the prefixes it skipped. :func:`load_checkpoint`
+maps the keys with :func:`fec_core.model.checkpoint_filter_fn` and refuses anything
+that does not fit, naming the missing keys, unexpected keys and shape mismatches.
+It loads into an :class:`~fec_core.FEC` or into timm's ``features_only`` wrapper of one.
 """
 from __future__ import annotations
 
 import os
+import re
 import warnings
-from typing import Dict, Mapping, Optional, Union
+from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
+import torch.nn as nn
 
 from .model import FEC, checkpoint_filter_fn
 
-__all__ = ["CheckpointError", "read_state_dict", "load_checkpoint", "check_state_dict", "raise_if_mismatch"]
+__all__ = ["CheckpointError", "read_state_dict", "split_backbone", "load_checkpoint", "check_state_dict",
+           "raise_if_mismatch"]
 
 _HEAD = ("head.weight", "head.bias")
 
@@ -26,12 +32,25 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not fit the model."""
 
 
-def read_state_dict(source: Union[str, os.PathLike, Mapping], use_ema: bool = False) -> Dict[str, torch.Tensor]:
-    """Read a checkpoint file (or dict) and return its state dict, prefixes stripped, keys mapped.
+def split_backbone(state_dict: Mapping[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+    """The backbone of a full downstream checkpoint: ``(backbone state dict, skipped prefixes)``.
 
-    Picks ``state_dict_ema`` when ``use_ema`` (and present), else ``model``, ``state_dict``,
-    ``state_dict_ema``, else the dict itself.
+    When some keys start with ``backbone.`` (after an optional DDP ``module.``), as in
+    MMSegmentation / MMDetection checkpoints, keeps those (prefix still on) and returns the
+    sorted first components of the others (e.g. ``['auxiliary_head', 'decode_head']``).
+    A checkpoint without ``backbone.`` keys is returned whole, with nothing skipped.
     """
+    def strip(k: str) -> str:
+        return k[len("module."):] if k.startswith("module.") else k
+
+    if not any(strip(k).startswith("backbone.") for k in state_dict):
+        return dict(state_dict), []
+    kept = {k: v for k, v in state_dict.items() if strip(k).startswith("backbone.")}
+    skipped = sorted({strip(k).split(".")[0] for k in state_dict if k not in kept})
+    return kept, skipped
+
+
+def _read(source: Union[str, os.PathLike, Mapping], use_ema: bool) -> Tuple[Dict[str, torch.Tensor], List[str]]:
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if not os.path.isfile(path):
@@ -52,7 +71,21 @@ def read_state_dict(source: Union[str, os.PathLike, Mapping], use_ema: bool = Fa
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise CheckpointError(f"checkpoint {path} holds no tensors (keys: {list(obj)[:8]})")
-    return checkpoint_filter_fn(tensors)
+    backbone, skipped = split_backbone(tensors)
+    if skipped:
+        warnings.warn(f"{path}: a full downstream checkpoint; loading its backbone ({len(backbone)} tensors), "
+                      f"skipping {', '.join(skipped)} ({len(tensors) - len(backbone)} tensors)", stacklevel=3)
+    return checkpoint_filter_fn(backbone), skipped
+
+
+def read_state_dict(source: Union[str, os.PathLike, Mapping], use_ema: bool = False) -> Dict[str, torch.Tensor]:
+    """Read a checkpoint file (or dict) and return its state dict, prefixes stripped, keys mapped.
+
+    Picks ``state_dict_ema`` when ``use_ema`` (and present), else ``model``, ``state_dict``,
+    ``state_dict_ema``, else the dict itself. Of a full MMSeg / MMDet checkpoint only the
+    backbone is kept (:func:`split_backbone`; one warning names what was skipped).
+    """
+    return _read(source, use_ema)[0]
 
 
 def _short(keys, n: int = 8) -> str:
@@ -81,18 +114,42 @@ def raise_if_mismatch(own: Mapping[str, torch.Tensor], state: Mapping[str, torch
     raise CheckpointError("\n  ".join(msg))
 
 
+def _unwrap(model: nn.Module) -> FEC:
+    """``model`` itself, or the FEC inside timm's ``features_only`` wrapper (``.model``)."""
+    inner = model if isinstance(model, FEC) else getattr(model, "model", None)
+    if not isinstance(inner, FEC):
+        raise TypeError(f"checkpoints load into an fec_core FEC (or timm's features_only wrapper of one), "
+                        f"got {type(model).__name__}")
+    return inner
+
+
+def _stage_of(key: str) -> Optional[int]:
+    m = re.match(r"^(?:stages|out_norms)\.(\d+)\.", key)
+    return int(m.group(1)) if m else None
+
+
 def check_state_dict(model: FEC, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Compare a mapped state dict with ``model``; return what to load, or raise.
 
     Allowed on purpose: a classifier head whose shape differs from the model's (new
     number of classes: the model keeps its fresh head), a head or final norm that a
-    head-less model does not have, and the per-stage output norms of a dense model
-    loaded from a classification checkpoint (they start as identity). Anything else
+    head-less model does not have, the per-stage output norms of a dense model
+    loaded from a classification checkpoint (they start as identity), and the stages
+    a ``features_only`` model pruned (after its last ``out_indices``). Anything else
     missing, unexpected or of another shape raises :class:`CheckpointError`.
+    ``model`` may be timm's ``features_only`` wrapper of an FEC.
     """
+    model = _unwrap(model)
     own = model.state_dict()
     sd = dict(state_dict)
     notes, allowed_missing = [], set()
+    n_stages = len(model.stages)
+    pruned = [k for k in sd if (_stage_of(k) or 0) >= n_stages]
+    if pruned:
+        notes.append(f"stages {n_stages} and later not loaded: the model keeps only {n_stages} (features_only "
+                     f"with out_indices before the last stage)")
+        [sd.pop(k) for k in pruned]
+        [sd.pop(k, None) for k in ("norm.weight", "norm.bias")]
     if "head.weight" in sd:
         if "head.weight" not in own:
             notes.append("dropped the checkpoint's classifier head (the model has none)")
@@ -108,6 +165,10 @@ def check_state_dict(model: FEC, state_dict: Dict[str, torch.Tensor]) -> Dict[st
     if out_norms and not any(k.startswith("out_norms.") for k in sd):
         notes.append("per-stage output norms not in the checkpoint (a classification checkpoint): left as identity")
         allowed_missing |= out_norms
+    if not out_norms and any(k.startswith("out_norms.") for k in sd):
+        raise CheckpointError("this checkpoint holds per-stage output norms (a dense-prediction backbone, "
+                              "official norm0..norm6): load it into a dense model, "
+                              "timm.create_model(name, features_only=True) or FEC(..., dense=True)")
     raise_if_mismatch(own, sd, "checkpoint does not fit this model (is it another FEC variant or setting?)",
                       allowed_missing)
     for note in notes:
@@ -115,11 +176,18 @@ def check_state_dict(model: FEC, state_dict: Dict[str, torch.Tensor]) -> Dict[st
     return sd
 
 
-def load_checkpoint(model: FEC, source: Union[str, os.PathLike, Mapping], use_ema: bool = False) -> FEC:
+def load_checkpoint(model: nn.Module, source: Union[str, os.PathLike, Mapping], use_ema: bool = False,
+                    report: bool = False):
     """Load an official (or fec_core) checkpoint into ``model``; see :func:`check_state_dict`.
 
-    ``source``: a path or an already loaded dict. Returns the model.
+    ``model``: an :class:`~fec_core.FEC` or timm's ``features_only`` wrapper of one.
+    ``source``: a path or an already loaded dict; a full MMSegmentation / MMDetection
+    checkpoint gives its backbone (:func:`split_backbone`, one warning names the skipped
+    prefixes). Returns ``model``, or with ``report=True`` ``(model, skipped)``, ``skipped``
+    the sorted non-backbone prefixes left out (``[]`` for a backbone-only checkpoint).
     """
-    sd = check_state_dict(model, read_state_dict(source, use_ema=use_ema))
-    model.load_state_dict(sd, strict=False)
-    return model
+    fec = _unwrap(model)
+    sd, skipped = _read(source, use_ema)
+    sd = check_state_dict(fec, sd)
+    fec.load_state_dict(sd, strict=False)
+    return (model, skipped) if report else model

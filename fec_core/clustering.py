@@ -36,12 +36,11 @@ so that its memory grows linearly with the number of pixels.
 Shapes: ``B`` batch (times heads and fold regions), ``N`` points, ``M`` centers,
 ``C`` key channels, ``D`` value channels.
 """
-from __future__ import annotations
-
 import os
 from typing import Tuple
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 
 from . import kernels as _kernels
@@ -184,12 +183,8 @@ def assign_nearest(center_keys: torch.Tensor, point_keys: torch.Tensor,
     when Triton is available. No gradient flows through an argmax, so it runs without
     autograd.
     """
-    if center_keys.ndim != 3 or point_keys.ndim != 3 or center_keys.shape[0] != point_keys.shape[0] \
-            or center_keys.shape[2] != point_keys.shape[2]:
-        raise ValueError(f"assign_nearest expects center_keys [B, M, C] and point_keys [B, N, C], "
-                         f"got {tuple(center_keys.shape)} and {tuple(point_keys.shape)}")
-    if max_elements < 1:
-        raise ValueError(f"max_elements must be positive, got {max_elements}")
+    if not torch.jit.is_scripting():
+        _check_assign_inputs(center_keys, point_keys, max_elements)
     with torch.no_grad():
         # Normalized exactly as similarity() does, so both paths compare the same numbers.
         c = F.normalize(center_keys, dim=-1)
@@ -197,12 +192,30 @@ def assign_nearest(center_keys: torch.Tensor, point_keys: torch.Tensor,
         return _cosine_argmax(c, p, max_elements)
 
 
+@torch.jit.unused
+def _check_assign_inputs(center_keys: torch.Tensor, point_keys: torch.Tensor, max_elements: int) -> None:
+    if center_keys.ndim != 3 or point_keys.ndim != 3 or center_keys.shape[0] != point_keys.shape[0] \
+            or center_keys.shape[2] != point_keys.shape[2]:
+        raise ValueError(f"assign_nearest expects center_keys [B, M, C] and point_keys [B, N, C], "
+                         f"got {tuple(center_keys.shape)} and {tuple(point_keys.shape)}")
+    if max_elements < 1:
+        raise ValueError(f"max_elements must be positive, got {max_elements}")
+
+
 _MIN_TILE = 128  # fewest points per tile before the batch or the centers are split too
 _CPU_TILE = 1 << 20  # on CPU, tiles of at most 4 MB of float32 (stay in cache): measured faster
 
 
 def _tile_budget(x: torch.Tensor, max_elements: int) -> int:
+    if torch.jit.is_scripting():  # TorchScript reads no module globals: the value of _CPU_TILE
+        return max_elements if x.is_cuda else min(max_elements, 1 << 20)
     return max_elements if x.is_cuda else min(max_elements, _CPU_TILE)
+
+
+def _min_tile(n: int) -> int:
+    if torch.jit.is_scripting():  # the value of _MIN_TILE
+        return min(n, 128)
+    return min(n, _MIN_TILE)
 
 
 def _cosine_argmax(c: torch.Tensor, p: torch.Tensor, max_elements: int) -> torch.Tensor:
@@ -215,24 +228,47 @@ def _cosine_argmax(c: torch.Tensor, p: torch.Tensor, max_elements: int) -> torch
     the centers, merged with a strict ``>`` (first index wins ties; NaN wins, as in
     ``max``).
     """
-    if _kernels.use_kernel(c, p):
-        return _kernels.cosine_argmax(c, p)
+    if not torch.jit.is_scripting():
+        if _kernels.use_kernel(c, p):
+            return _kernels.cosine_argmax(c, p)
+        if torch.compiler.is_compiling() and not isinstance(c.shape[0], int):
+            # traced with a symbolic batch (torch.export, dynamic torch.compile): tiles sized
+            # for one image, so that the graph holds for any batch size
+            return _cosine_argmax_tiles(c, p, _tile_budget(c, max_elements), 1)
     budget = _tile_budget(c, max_elements)
     b, m, _ = c.shape
     n = p.shape[1]
     if b * m * n <= budget:
         return torch.matmul(p, c.transpose(1, 2)).max(dim=-1)[1]
-    min_tile = min(n, _MIN_TILE)
+    min_tile = _min_tile(n)
     if b > 1 and b * m * min_tile > budget:  # split the batch
         bt = max(1, budget // (m * min_tile))
-        return torch.cat([_cosine_argmax(c[i:i + bt], p[i:i + bt], budget) for i in range(0, b, bt)], dim=0)
+        parts = []
+        for i in range(0, b, bt):
+            parts.append(_cosine_argmax_tiles(c[i:i + bt], p[i:i + bt], budget, c[i:i + bt].shape[0]))
+        return torch.cat(parts, dim=0)
+    return _cosine_argmax_tiles(c, p, budget, b)
+
+
+def _cosine_argmax_tiles(c: torch.Tensor, p: torch.Tensor, budget: int, b: int) -> torch.Tensor:
+    """:func:`_cosine_argmax` for a batch whose ``b * M * min(N, 128)`` fits the budget
+    (or ``b == 1``): tiles of points, and of centers when one tile of points is too big.
+    ``b``: the batch size the tiles are sized for (``c.shape[0]``, or 1 under tracing, where
+    the batch is symbolic: the tiles then depend on the image size only)."""
+    m = c.shape[1]
+    n = p.shape[1]
+    if b * m * n <= budget:
+        return torch.matmul(p, c.transpose(1, 2)).max(dim=-1)[1]
+    min_tile = _min_tile(n)
     ct = c.transpose(1, 2)
     tn = budget // (b * m)
+    parts = []
     if tn >= min_tile:  # tiles of points only: each tile sees every center
-        return torch.cat([torch.matmul(p[:, s:s + tn], ct).max(dim=-1)[1] for s in range(0, n, tn)], dim=1)
+        for s in range(0, n, tn):
+            parts.append(torch.matmul(p[:, s:s + tn], ct).max(dim=-1)[1])
+        return torch.cat(parts, dim=1)
     tn = min_tile
     tm = max(1, budget // (b * tn))
-    parts = []
     for s in range(0, n, tn):
         pt = p[:, s:s + tn]
         best, index = torch.matmul(pt, ct[:, :, :tm]).max(dim=-1)
@@ -245,7 +281,7 @@ def _cosine_argmax(c: torch.Tensor, p: torch.Tensor, max_elements: int) -> torch
     return torch.cat(parts, dim=1)
 
 
-def one_hot(index: torch.Tensor, num_centers: int, dtype=torch.float32) -> torch.Tensor:
+def one_hot(index: torch.Tensor, num_centers: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The dense assignment mask of the literal path: ``index`` [B, N] -> [B, M, N] with
     ``mask[b, m, n] = 1`` iff point ``n`` belongs to center ``m``."""
     return F.one_hot(index, num_centers).transpose(1, 2).to(dtype)
@@ -312,14 +348,16 @@ def _aggregate_cf(values: torch.Tensor, center_values: torch.Tensor, index: torc
     and the result is returned in the values' type.
     """
     b, d, m = center_values.shape
-    half = values.dtype in (torch.float16, torch.bfloat16)
+    half = values.dtype == torch.float16 or values.dtype == torch.bfloat16
     src = values.float() if half else values
     rows = index.unsqueeze(1).expand(-1, d, -1)  # [B, D, N]: the cluster of every value
-    if _BACKEND == "torch_scatter":
+    if torch.jit.is_scripting():  # TorchScript: the native scatter
+        sums = src.new_zeros(b, d, m).scatter_add_(2, rows, src)
+    elif _BACKEND == "torch_scatter":
         sums = _ts_scatter_sum(src, rows, dim=2, dim_size=m)
     else:
         sums = src.new_zeros(b, d, m).scatter_add_(2, rows, src)
-    counts = src.new_zeros(b, m).scatter_add_(1, index, src.new_ones(()).expand(index.shape))
+    counts = src.new_zeros(b, m).scatter_add_(1, index, src.new_ones([1]).expand(index.shape))
     reps = (sums + center_values) / (counts.unsqueeze(1) + 1.0)
     return reps.to(values.dtype) if half else reps
 
@@ -383,3 +421,11 @@ def cluster_pool(keys: torch.Tensor, values: torch.Tensor, literal: bool = False
     index = assign_nearest(to_points(ck_map), to_points(keys))
     reps = _aggregate_cf(values.flatten(2), cv_map.flatten(2), index)  # [B, D, M], channels first
     return reps.reshape(b, -1, grid[0], grid[1]), index
+
+
+# FX (torch.fx, torchvision's feature extraction, timm's FX features): these functions
+# branch on tensor shapes, so a symbolic trace records each as one call instead of
+# tracing into it. TorchScript and torch.compile / torch.export see them as usual.
+for _name in ("fold", "unfold", "centers", "assign_nearest", "cluster_encode", "cluster_pool"):
+    torch.fx.wrap(_name)
+del _name

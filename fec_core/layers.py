@@ -6,11 +6,10 @@ report every layer's assignment map (:meth:`fec_core.FEC.forward_with_clusters`)
 Parameter names follow the official implementation so released checkpoints map
 one-to-one (``f``, ``v``, ``proj``, ``sim_alpha``, ``sim_beta``, ``conv_f``, ...).
 """
-from __future__ import annotations
-
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
+import torch.fx
 import torch.nn as nn
 from timm.layers import DropPath, trunc_normal_
 
@@ -55,6 +54,28 @@ class Stem(nn.Module):
         return self.proj(torch.cat([x, point_coordinates(x)], dim=1))
 
 
+def _check_fold(name: str, w: int, h: int, fold: Tuple[int, int], step: int) -> None:
+    """Raise a clear ``ValueError`` when a ``w x h`` map cannot be folded into ``fold`` regions
+    (of an even size when ``step == 2``, as pooling needs)."""
+    fw, fh = fold
+    if w % fw != 0 or h % fh != 0 or (w // fw) % step != 0 or (h // fh) % step != 0:
+        what = "regions of an even size" if step > 1 else "whole regions"
+        hint = " times 2" if step > 1 else ""
+        label = name if name != "" else "clustering layer"
+        raise ValueError(
+            f"{label}: a {w}x{h} feature map cannot be split into "
+            f"fold {fw}x{fh} {what}; choose an input size whose feature map here is divisible "
+            f"by the fold{hint}")
+
+
+# FX: the shape check becomes one node of a traced graph (kept by dead-code elimination,
+# as an assert is), and the coordinates one call, instead of being traced into.
+torch.fx.wrap("_check_fold")
+if hasattr(torch.fx.node, "has_side_effect"):
+    torch.fx.node.has_side_effect(_check_fold)
+torch.fx.wrap("point_coordinates")
+
+
 class _Recording:
     """Mixin: a clustering layer that can keep its last assignment map."""
 
@@ -63,14 +84,11 @@ class _Recording:
     record: bool = False
     last_index: Optional[torch.Tensor] = None
 
-    def _check_fold(self, w: int, h: int, step: int = 1):
-        fw, fh = self.fold
-        if w % fw or h % fh or (w // fw) % step or (h // fh) % step:
-            what = f"regions of an even size" if step > 1 else "whole regions"
-            raise ValueError(
-                f"{self.name or type(self).__name__}: a {w}x{h} feature map cannot be split into "
-                f"fold {fw}x{fh} {what}; choose an input size whose feature map here is divisible "
-                f"by the fold{' times 2' if step > 1 else ''}")
+    @torch.jit.unused
+    def _keep(self, index: torch.Tensor, shape: List[int]) -> None:
+        """Keep ``index`` (reshaped to ``shape``) as ``last_index`` while recording."""
+        if self.record:
+            self.last_index = index.detach().reshape(shape)
 
 
 class ClusterEncode(_Recording, nn.Module):
@@ -98,14 +116,14 @@ class ClusterEncode(_Recording, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, w, h = x.shape
-        self._check_fold(w, h)
-        e, fw, fh = self.heads, *self.fold
+        _check_fold(self.name, w, h, self.fold, 1)
+        e, fw, fh = self.heads, self.fold[0], self.fold[1]
         keys = cl.fold(self.f(x).reshape(b * e, self.head_dim, w, h), fw, fh)
         values = cl.fold(self.v(x).reshape(b * e, self.head_dim, w, h), fw, fh)
         out, index = cl.cluster_encode(keys, values, self.sim_alpha, self.sim_beta, self.proposal, self.literal)
         rw, rh = w // fw, h // fh
-        if self.record:
-            self.last_index = index.detach().reshape(b, e, fw, fh, rw, rh)
+        if not torch.jit.is_scripting():
+            self._keep(index, [b, e, fw, fh, rw, rh])
         out = cl.unfold(out.transpose(1, 2).reshape(b * e * fw * fh, self.head_dim, rw, rh), fw, fh)
         return self.proj(out.reshape(b, e * self.head_dim, w, h))
 
@@ -135,13 +153,13 @@ class ClusterPool(_Recording, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, w, h = x.shape
-        self._check_fold(w, h, step=2)
-        fw, fh = self.fold
+        _check_fold(self.name, w, h, self.fold, 2)
+        fw, fh = self.fold[0], self.fold[1]
         identity = self.conv_skip(x)
         keys, values = cl.fold(self.conv_f(x), fw, fh), cl.fold(self.conv_v(x), fw, fh)
         reps, index = cl.cluster_pool(keys, values, self.literal)
-        if self.record:
-            self.last_index = index.detach().reshape(b, fw, fh, w // fw, h // fh)
+        if not torch.jit.is_scripting():
+            self._keep(index, [b, fw, fh, w // fw, h // fh])
         return identity + self.norm2(cl.unfold(reps, fw, fh))
 
     def extra_repr(self) -> str:

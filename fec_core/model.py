@@ -9,21 +9,27 @@ After ``import fec_core`` the variants are timm models::
 
     timm.create_model('fec_small', num_classes=10, drop_path_rate=0.1)
     timm.create_model('fec_small', features_only=True, out_indices=(0, 1, 2, 3))
-    timm.create_model('fec_small', setting='seg')       # or 'fec_small_seg', 'fec_small_det'
+    timm.create_model('fec_small_seg', features_only=True)  # or setting='seg'; 'fec_small_det'
+
+As every timm model, ``forward`` returns one tensor (logits, or pooled features
+without a classifier); the four stage outputs come from ``features_only=True`` or
+:meth:`FEC.forward_intermediates`. The models script (``torch.jit.script``), trace
+(``torch.fx``, torchvision's feature extraction), compile (``torch.compile(...,
+fullgraph=True)``) and export (``torch.export``, ONNX): input checks run in eager
+mode and step aside under tracing.
 
 Official checkpoints (keys ``patch_embed.*``, ``network.*``) are mapped by
 :func:`checkpoint_filter_fn`; :func:`fec_core.load_checkpoint` loads a file.
 """
-from __future__ import annotations
-
 import contextlib
+import numbers
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from .layers import ClusterBlock, ClusterEncode, ClusterPool, GroupNorm1, Stem, init_weights
@@ -45,17 +51,28 @@ VARIANTS: Dict[str, dict] = {
 
 #: Center grids and fold regions per stage: ImageNet classification (224x224), the
 #: official ADE20K segmentation setting (512x512) and COCO detection setting (1333x800).
+#: The per-stage output norms of dense prediction come with ``features_only=True``
+#: (or ``dense=True``); a setting alone only chooses the grids and regions.
 SETTINGS: Dict[str, dict] = {
     "cls": dict(proposal=(4, 4, 2, 2), fold=(1, 1, 1, 1)),
-    "seg": dict(proposal=(10, 10, 5, 5), fold=(1, 1, 1, 1), dense=True),
-    "det": dict(proposal=(7, 7, 7, 7), fold=(2, 2, 1, 1), dense=True),
+    "seg": dict(proposal=(10, 10, 5, 5), fold=(1, 1, 1, 1)),
+    "det": dict(proposal=(7, 7, 7, 7), fold=(2, 2, 1, 1)),
 }
 
 PairOrInt = Union[int, Tuple[int, int]]
 
 
-def _pair(v: PairOrInt) -> Tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+def _pair(v: PairOrInt, arg: str = "value") -> Tuple[int, int]:
+    """``v`` or ``(w, h)`` -> ``(w, h)`` of positive ints, else a ``ValueError`` naming ``arg``."""
+    pair = (v, v) if isinstance(v, numbers.Integral) else tuple(v) if isinstance(v, (tuple, list)) else None
+    if pair is None or len(pair) != 2 or not all(isinstance(p, numbers.Integral) and p >= 1 for p in pair):
+        raise ValueError(f"{arg} must be a positive int or a pair (w, h) of positive ints, got {v!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def _is_tracing() -> bool:
+    """True inside a torch.fx symbolic trace (where input checks cannot look at shapes)."""
+    return torch.fx._symbolic_trace.is_fx_symbolic_tracing()
 
 
 @dataclass
@@ -99,6 +116,27 @@ def official_name(name: str) -> str:
     return name
 
 
+def _check_args(layers, embed_dims, heads, head_dim, mlp_ratios, num_classes, in_chans, drop_rate,
+                drop_path_rate, global_pool) -> None:
+    """``ValueError`` naming the argument for a constructor value that cannot work."""
+    if len(layers) < 1:
+        raise ValueError("layers must list at least one stage")
+    for arg, val in dict(layers=layers, embed_dims=embed_dims, heads=heads, head_dim=head_dim).items():
+        if not all(isinstance(v, numbers.Integral) and v >= 1 for v in val):
+            raise ValueError(f"{arg} must hold positive ints, got {tuple(val)}")
+    if not all(isinstance(r, numbers.Real) and r > 0 for r in mlp_ratios):
+        raise ValueError(f"mlp_ratios must be positive, got {tuple(mlp_ratios)}")
+    for arg, val in dict(num_classes=num_classes, in_chans=in_chans).items():
+        if not isinstance(val, numbers.Integral) or isinstance(val, bool) or val < (0 if arg == "num_classes" else 1):
+            allowed = "an int >= 0 (0: no classifier)" if arg == "num_classes" else "a positive int"
+            raise ValueError(f"{arg} must be {allowed}, got {val!r}")
+    for arg, val in dict(drop_rate=drop_rate, drop_path_rate=drop_path_rate).items():
+        if not isinstance(val, numbers.Real) or not 0.0 <= val < 1.0:
+            raise ValueError(f"{arg} must be in [0, 1), got {val!r}")
+    if global_pool not in ("avg", ""):
+        raise ValueError(f"global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
+
+
 class FECStage(nn.Module):
     """One stage: an optional clustering pooling layer, then ``depth`` blocks."""
 
@@ -120,10 +158,12 @@ class FEC(nn.Module):
         proposal: center grid ``(w, h)`` (or an int) of the encode layers, per stage.
         fold: region folding ``(w, h)`` (or an int) per stage; stage ``i``'s pooling uses ``fold[i]``.
         num_classes: classifier size (0: no classifier). dense: per-stage GroupNorms for
-            dense prediction and no classifier (the official ``fork_feat``).
+            dense prediction and no classifier (the official ``fork_feat``); the last one
+            normalizes :meth:`forward_features`.
         literal: use the literal dense clustering path (for teaching and testing).
-    Input ``[B, in_chans, H, W]``; ``forward`` returns logits ``[B, num_classes]`` or, when
-    ``dense``, the four normalized stage outputs (strides 4, 8, 16, 32).
+    Input ``[B, in_chans, H, W]``; ``forward`` returns logits ``[B, num_classes]`` (pooled
+    features ``[B, C4]`` without a classifier); :meth:`forward_intermediates` the four stage
+    outputs (strides 4, 8, 16, 32), normalized per stage when ``dense``.
     """
 
     def __init__(self, layers: Sequence[int] = (3, 4, 5, 2), embed_dims: Sequence[int] = (32, 64, 196, 320),
@@ -138,6 +178,9 @@ class FEC(nn.Module):
                              proposal=proposal, fold=fold).items():
             if len(val) != n:
                 raise ValueError(f"{arg} has {len(val)} entries, layers has {n}")
+        _check_args(layers=layers, embed_dims=embed_dims, heads=heads, head_dim=head_dim, mlp_ratios=mlp_ratios,
+                    num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate,
+                    drop_path_rate=drop_path_rate, global_pool=global_pool)
         self.num_classes = 0 if dense else num_classes
         self.in_chans = in_chans
         self.dense = dense
@@ -147,8 +190,8 @@ class FEC(nn.Module):
         self.drop_rate = drop_rate
         self.global_pool = global_pool
         self.grad_checkpointing = False
-        proposal = [_pair(p) for p in proposal]
-        fold = [_pair(f) for f in fold]
+        proposal = [_pair(p, f"proposal[{i}]") for i, p in enumerate(proposal)]
+        fold = [_pair(f, f"fold[{i}]") for i, f in enumerate(fold)]
 
         self.stem = Stem(in_chans, embed_dims[0], patch=4)
         total = sum(layers)
@@ -196,6 +239,10 @@ class FEC(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
         """Replace the classifier with a fresh one for ``num_classes`` classes (0 removes it)."""
+        if not isinstance(num_classes, numbers.Integral) or isinstance(num_classes, bool) or num_classes < 0:
+            raise ValueError(f"num_classes must be an int >= 0 (0: no classifier), got {num_classes!r}")
+        if global_pool is not None and global_pool not in ("avg", ""):
+            raise ValueError(f"global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
         self.num_classes = num_classes
         if global_pool is not None:
             self.global_pool = global_pool
@@ -214,30 +261,53 @@ class FEC(nn.Module):
         return self
 
     # ------------------------------------------------------------------ forward
+    @torch.jit.unused
     def check_input(self, x: torch.Tensor) -> None:
-        """Raise a clear ``ValueError`` for an input FEC cannot process."""
+        """Raise a clear ``ValueError`` (shape) or ``TypeError`` (dtype) for an input FEC
+        cannot process. Skipped under TorchScript and torch.fx tracing."""
         if not isinstance(x, torch.Tensor) or x.ndim != 4:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"FEC expects an image batch [B, {self.in_chans}, H, W], got {shape}")
         if x.shape[1] != self.in_chans:
             raise ValueError(f"FEC was built for {self.in_chans} input channels, got {x.shape[1]} "
                              f"(input shape {tuple(x.shape)})")
+        if x.shape[0] == 0:
+            raise ValueError(f"FEC got an empty batch (input shape {tuple(x.shape)})")
         h, w = x.shape[-2:]
         if h < 4 or w < 4:
             raise ValueError(f"input {h}x{w} is smaller than the 4x4 stem")
+        if not x.is_floating_point():
+            raise TypeError(f"FEC expects a floating-point image batch, got {x.dtype}; convert it first, "
+                            f"e.g. x.float() / 255, then normalize with the model's mean and std")
+        weight = self.stem.proj.weight
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"input is {x.dtype} but the model's weights are {weight.dtype}; "
+                            f"convert one of them (x.to({weight.dtype}) or model.to({x.dtype}))")
+
+    def _check(self, x: torch.Tensor) -> None:
+        if not torch.jit.is_scripting():
+            if not _is_tracing():
+                self.check_input(x)
 
     def _run_stage(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and not torch.jit.is_scripting():
             return torch.utils.checkpoint.checkpoint(stage, x, use_reentrant=False)
         return stage(x)
 
+    def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "out_norms"):  # dense: the last stage's output norm (official norm6)
+            return self.out_norms[-1](x)
+        return self.norm(x)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """[B, in_chans, H, W] -> last stage's feature map, normalized, [B, C4, H/32, W/32]."""
-        self.check_input(x)
+        self._check(x)
         x = self.stem(x)
-        for stage in self.stages:
-            x = self._run_stage(stage, x)
-        return self.out_norms[-1](x) if self.dense else self.norm(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.stages, x)
+        else:
+            x = self.stages(x)
+        return self._final_norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """[B, C4, h, w] -> logits [B, num_classes] (or the pooled features if ``pre_logits``)."""
@@ -254,11 +324,12 @@ class FEC(nn.Module):
         Returns the stage outputs selected by ``indices`` (all by default), each
         ``[B, C_i, H / 2^(i+2), W / 2^(i+2)]``, normalized by the per-stage GroupNorm when
         the model is ``dense`` (the official ``fork_feat`` outputs). With
-        ``intermediates_only=False`` returns ``(final features, intermediates)``.
+        ``intermediates_only=False`` returns ``(final features, intermediates)``, the final
+        features being :meth:`forward_features`'s.
         """
         if output_fmt != "NCHW":
             raise ValueError("FEC features are NCHW")
-        self.check_input(x)
+        self._check(x)
         take, max_index = feature_take_indices(len(self.stages), indices)
         stages = self.stages[:max_index + 1] if stop_early else self.stages
         x = self.stem(x)
@@ -269,22 +340,27 @@ class FEC(nn.Module):
                 feats.append(self.out_norms[i](x) if self.dense else x)
         if intermediates_only:
             return feats
-        return (self.out_norms[-1](x) if self.dense else self.norm(x)), feats
+        return self._final_norm(x), feats
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True):
-        """Drop the stages after the last wanted feature (and the head), for ``features_only``."""
+        """Drop the stages (and output norms) after the last wanted feature, and the head,
+        for ``features_only``."""
         take, max_index = feature_take_indices(len(self.stages), indices)
         self.stages = self.stages[:max_index + 1]
+        if self.dense:
+            self.out_norms = self.out_norms[:max_index + 1]
         if prune_head:
             self.reset_classifier(0)
             if not self.dense:
                 self.norm = nn.Identity()
         return take
 
-    def forward(self, x: torch.Tensor):
-        if self.dense:
-            return self.forward_intermediates(x, intermediates_only=True)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, in_chans, H, W]`` -> logits ``[B, num_classes]``, or the pooled features
+        ``[B, C4]`` without a classifier (``[B, C4, h, w]`` with ``global_pool=''``), as every
+        timm model. The four stage outputs of dense prediction: :meth:`forward_intermediates`
+        or ``timm.create_model(name, features_only=True)``."""
         return self.forward_head(self.forward_features(x))
 
     @contextlib.contextmanager
@@ -299,15 +375,17 @@ class FEC(nn.Module):
             for m in layers:
                 m.record = False
 
-    def forward_with_clusters(self, x: torch.Tensor):
+    @torch.jit.unused
+    def forward_with_clusters(self, x: torch.Tensor, intermediates: bool = False):
         """Forward pass that also returns every clustering layer's assignments.
 
-        Returns ``(output, records)``: ``output`` as :meth:`forward`, ``records`` a list of
+        Returns ``(output, records)``: ``output`` as :meth:`forward` (with
+        ``intermediates=True``: the stage outputs of :meth:`forward_intermediates`), ``records`` a list of
         :class:`ClusterRecord` in forward order (pooling and encode layers), e.g.
         for ``fec_small`` at 224x224: 14 encode records and 3 pooling records.
         """
         with self.recording() as layers:
-            out = self(x)
+            out = self.forward_intermediates(x, intermediates_only=True) if intermediates else self(x)
         records = []
         for m in layers:
             if m.last_index is None:  # a pruned or skipped layer
@@ -324,7 +402,9 @@ class FEC(nn.Module):
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: Optional[FEC] = None):
     """Map an official checkpoint's keys to ours (timm's ``pretrained_filter_fn``).
 
-    Strips ``module.`` / ``backbone.`` prefixes, renames ``patch_embed`` -> ``stem``,
+    Strips ``module.`` (DDP), ``model.`` (timm's ``features_only`` wrapper) and ``backbone.``
+    prefixes (keep only the backbone of a full MMSeg / MMDet checkpoint first:
+    :func:`fec_core.checkpoint.split_backbone`), renames ``patch_embed`` -> ``stem``,
     ``network.{2i}.k`` -> ``stages.i.blocks.k``, ``network.{2i-1}`` -> ``stages.i.downsample``,
     ``norm{2i}`` -> ``out_norms.i``. Keys already in our layout pass through.
     """
@@ -332,7 +412,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: Optional[FE
 
     out = {}
     for k, v in state_dict.items():
-        for prefix in ("module.", "backbone."):
+        for prefix in ("module.", "model.", "backbone."):
             if k.startswith(prefix):
                 k = k[len(prefix):]
         k = re.sub(r"^patch_embed\.", "stem.", k)
@@ -362,13 +442,28 @@ default_cfgs = generate_default_cfgs({
     "fec_base.in1k": _cfg(),
     "fec_large.in1k": _cfg(),
     "fec_tiny.untrained": _cfg(input_size=(3, 64, 64), pool_size=(2, 2)),
-    "fec_small_seg.untrained": _cfg(num_classes=0, input_size=(3, 512, 512)),
-    "fec_base_seg.untrained": _cfg(num_classes=0, input_size=(3, 512, 512)),
-    "fec_large_seg.untrained": _cfg(num_classes=0, input_size=(3, 512, 512)),
-    "fec_small_det.untrained": _cfg(num_classes=0, input_size=(3, 800, 1344)),
-    "fec_base_det.untrained": _cfg(num_classes=0, input_size=(3, 800, 1344)),
-    "fec_large_det.untrained": _cfg(num_classes=0, input_size=(3, 800, 1344)),
+    "fec_small_seg.untrained": _cfg(num_classes=0, input_size=(3, 512, 512), pool_size=(16, 16)),
+    "fec_base_seg.untrained": _cfg(num_classes=0, input_size=(3, 512, 512), pool_size=(16, 16)),
+    "fec_large_seg.untrained": _cfg(num_classes=0, input_size=(3, 512, 512), pool_size=(16, 16)),
+    "fec_small_det.untrained": _cfg(num_classes=0, input_size=(3, 800, 1344), pool_size=(25, 42)),
+    "fec_base_det.untrained": _cfg(num_classes=0, input_size=(3, 800, 1344), pool_size=(25, 42)),
+    "fec_large_det.untrained": _cfg(num_classes=0, input_size=(3, 800, 1344), pool_size=(25, 42)),
 })
+
+
+def _check_out_indices(out_indices, n: int) -> None:
+    """``out_indices``: a non-empty sequence of stage indices in ``[-n, n)``, or an int ``k``
+    in ``[1, n]`` (the last ``k`` stages, timm's convention)."""
+    if isinstance(out_indices, numbers.Integral):
+        if not 1 <= out_indices <= n:
+            raise ValueError(f"out_indices={out_indices!r}: an int means the last k stages, k in [1, {n}]")
+        return
+    idx = tuple(out_indices) if isinstance(out_indices, (tuple, list)) else None
+    if not idx:
+        raise ValueError(f"out_indices must name at least one of the {n} stages (0..{n - 1}), got {out_indices!r}")
+    bad = [i for i in idx if not isinstance(i, numbers.Integral) or not -n <= i < n]
+    if bad:
+        raise ValueError(f"out_indices {idx}: {bad} not stage indices; FEC has {n} stages (0..{n - 1})")
 
 
 def _create_fec(variant: str, pretrained: bool = False, **kwargs) -> FEC:
@@ -382,6 +477,8 @@ def _create_fec(variant: str, pretrained: bool = False, **kwargs) -> FEC:
         args["dense"] = True
     args.update(kwargs)
     out_indices = args.pop("out_indices", (0, 1, 2, 3))
+    if features_only:
+        _check_out_indices(out_indices, len(args["layers"]))
     return build_model_with_cfg(
         FEC, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(feature_cls="getter", out_indices=out_indices), **args)

@@ -103,6 +103,15 @@ def feature_channels(backbone: nn.Module) -> Tuple[List[int], List[int]]:
     return [d["num_chs"] for d in info], [d["reduction"] for d in info]
 
 
+def backbone_features(backbone: nn.Module, x: torch.Tensor) -> List[torch.Tensor]:
+    """The multi-scale maps of ``backbone`` for images ``x``: ``backbone(x)`` for timm's
+    ``features_only`` wrapper, :meth:`FEC.forward_intermediates` for a dense FEC (whose
+    ``forward``, like every timm model's, returns one tensor)."""
+    if isinstance(backbone, FEC):
+        return backbone.forward_intermediates(x, intermediates_only=True)
+    return backbone(x)
+
+
 def backbone_fec(backbone: nn.Module) -> FEC:
     """The :class:`~fec_core.FEC` inside ``backbone`` (timm's ``features_only`` wrapper keeps it
     as ``.model``), e.g. to call ``forward_with_clusters`` on it."""
@@ -201,7 +210,7 @@ class FECSegmenter(nn.Module):
         self.num_classes = num_classes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.head(self.backbone(x))
+        logits = self.head(backbone_features(self.backbone, x))
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
     @torch.no_grad()
@@ -230,7 +239,7 @@ class FECBackboneWithFPN(nn.Module):
         self.strides = strides + [strides[-1] * 2]
 
     def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
-        feats = self.body(x)
+        feats = backbone_features(self.body, x)
         return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(feats)))
 
 

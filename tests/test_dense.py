@@ -45,7 +45,7 @@ def test_features_only_strides_channels_and_settings(setting, size):
 
 @pytest.mark.parametrize("setting", ["seg", "det"])
 def test_forward_intermediates_matches_features_only(setting):
-    dense = timm.create_model("fec_tiny", setting=setting).eval()  # the settings imply dense=True
+    dense = timm.create_model("fec_tiny", setting=setting, dense=True).eval()
     assert dense.dense and dense.num_classes == 0
     wrapped = timm.create_model("fec_tiny", features_only=True, setting=setting).eval()
     wrapped.model.load_state_dict(dense.state_dict())

@@ -14,6 +14,7 @@ gradients are compared within a stated relative bound per dtype (:data:`REL`).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -197,7 +198,7 @@ def _model_run(m, x, literal, dtype):
     m.set_literal(literal).zero_grad(set_to_none=True)
     x = x.clone().requires_grad_(True)
     with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
-        outs, recs = m.forward_with_clusters(x)
+        outs, recs = m.forward_with_clusters(x, intermediates=m.dense)  # dense: the 4 stage outputs
     outs = outs if isinstance(outs, list) else [outs]
     loss = sum((o.float() * torch.randn(o.shape, generator=_gen(11)).to(o.device)).sum() for o in outs)
     loss.backward()
@@ -242,7 +243,7 @@ def test_model_paths_agree_float32_and_match_the_cpu():
             torch.testing.assert_close(gf[n], gl[n], atol=1e-4, rtol=1e-3, msg=n)
     m_cpu = tiny(dense=True, fold=(2, 2, 1, 1), proposal=(2, 2, 2, 1)).cpu().eval()
     with torch.no_grad():
-        out_cpu, rec_cpu = m_cpu.forward_with_clusters(x.cpu())
+        out_cpu, rec_cpu = m_cpu.forward_with_clusters(x.cpu(), intermediates=True)
     _agree(of, out_cpu, rf, rec_cpu, f"{DEVICE} vs cpu")
 
 
@@ -326,19 +327,20 @@ def test_compiled_fullgraph_matches_eager():
     custom op inside the graph) of the fast path, forward and backward: one graph
     (fullgraph raises on a break), eager's outputs and gradients (see _compiled_close)."""
     m = tiny(dense=True)
+    stages = functools.partial(m.forward_intermediates, intermediates_only=True)  # the 4 outputs
     x = _rand(4, 3, 64, 64, seed=3)
     torch._dynamo.reset()
-    compiled = torch.compile(m, fullgraph=True)
+    compiled = torch.compile(stages, fullgraph=True)
     m.eval()
     with torch.no_grad():
-        _compiled_close(compiled(x), m(x), "eval forward")
+        _compiled_close(compiled(x), stages(x), "eval forward")
     m.train()
-    w = [torch.randn(o.shape, generator=_gen(12)).to(DEVICE) for o in m(x)]
+    w = [torch.randn(o.shape, generator=_gen(12)).to(DEVICE) for o in stages(x)]
     m.zero_grad(set_to_none=True)
     sum((o * wi).sum() for o, wi in zip(compiled(x), w)).backward()
     g_c = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
     m.zero_grad(set_to_none=True)
-    sum((o * wi).sum() for o, wi in zip(m(x), w)).backward()
+    sum((o * wi).sum() for o, wi in zip(stages(x), w)).backward()
     g_e = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
     assert g_c.keys() == g_e.keys() and len(g_e) > 20
     stem = [n for n in g_e if n.startswith("stem.")]
@@ -356,13 +358,14 @@ def test_compiled_bf16_autocast_inference():
     eager model is; the compiled model's mean error against it is at most 1.5 times the
     eager bf16 model's (plus REL), stage by stage."""
     m = tiny(dense=True).eval()
+    stages = functools.partial(m.forward_intermediates, intermediates_only=True)  # the 4 outputs
     x = _rand(4, 3, 64, 64, seed=4)
     torch._dynamo.reset()
-    compiled = torch.compile(m, fullgraph=True)
+    compiled = torch.compile(stages, fullgraph=True)
     with torch.no_grad():
-        ref = [o.double() for o in m(x)]
+        ref = [o.double() for o in stages(x)]
         with torch.autocast(x.device.type, dtype=torch.bfloat16):
-            a, b = [o.double() for o in compiled(x)], [o.double() for o in m(x)]
+            a, b = [o.double() for o in compiled(x)], [o.double() for o in stages(x)]
 
     def err(u, r):
         return float((u - r).abs().mean() / r.abs().mean())

@@ -40,11 +40,13 @@ def test_features_only_and_feature_info():
 
 def test_dense_settings_by_name_and_argument():
     seg = timm.create_model("fec_small_seg")
-    assert seg.dense and seg.stages[0].blocks[0].token_mixer.proposal == (10, 10)
+    assert not seg.dense and seg.num_classes == 0 and seg.stages[0].blocks[0].token_mixer.proposal == (10, 10)
+    assert seg(torch.randn(1, 3, 64, 64)).shape == (1, 320)  # a tensor, as every timm model returns
+    assert timm.create_model("fec_small", setting="seg", features_only=True).model.dense
     det = timm.create_model("fec_small", setting="det")
     assert det.stages[0].blocks[0].token_mixer.fold == (2, 2) and det.stages[2].blocks[0].token_mixer.fold == (1, 1)
     assert det.stages[1].downsample.fold == (2, 2) and det.stages[3].downsample.fold == (1, 1)
-    outs = det(torch.randn(1, 3, 128, 96))
+    outs = det.forward_intermediates(torch.randn(1, 3, 128, 96), intermediates_only=True)
     assert [o.shape[-2:] for o in outs] == [(32, 24), (16, 12), (8, 6), (4, 3)]
     with pytest.raises(ValueError, match="unknown setting"):
         timm.create_model("fec_small", setting="nope")
