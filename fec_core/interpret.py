@@ -335,7 +335,8 @@ def paper_regions(model: FEC, x: torch.Tensor, k: int, seed: int = 0) -> torch.T
     """The paper's figures (official ``cluster_visualize.py``): every pixel's final
     (last pooling layer) cluster, and these clusters merged into ``k`` regions by k-means
     on their unnormalized key centers (:func:`pool_key_centers`), non-empty clusters
-    only, one k-means start with ``random_state=seed``. ``x`` ``[B, 3, H, W]`` ->
+    only, one k-means start with ``random_state=seed`` (in float64; the official script
+    passes float32). ``x`` ``[B, 3, H, W]`` ->
     LongTensor ``[B, H, W]`` (values ``0..k-1``, numbered by decreasing area)."""
     _, maps, _ = trace_clusters(model, x)
     last = [m for m in maps if m.kind == "pool"][-1]
