@@ -9,6 +9,9 @@ light on the website:
 * a figure that shows a photograph (an ``imshow`` of many colors) becomes a JPEG;
 * any other figure (anti-aliased plots) becomes a palette PNG of 256 adaptive colors.
 
+A figure wider than the page's text column (:data:`PAGE_WIDTH`) is stored at that width,
+as the page would show it.
+
 It also sets a screen resolution (``dpi``) for inline figures. Outside IPython it
 only sets the resolution.
 """
@@ -35,7 +38,7 @@ def min_panel_width(fig, dpi: float, width_px: int, page_width: int = PAGE_WIDTH
     return int(min(widths)) if widths else 0
 
 
-def encode_figure(fig, dpi: int = 72, jpeg_quality: int = 75) -> Tuple[str, bytes, dict]:
+def encode_figure(fig, dpi: int = 72, jpeg_quality: int = 70) -> Tuple[str, bytes, dict]:
     """Render ``fig`` (tight bounding box, white background) and encode it as described
     in the module docstring. Returns ``(mimetype, data, metadata)``; the metadata holds
     ``min_panel_px`` (:func:`min_panel_width`)."""
@@ -45,6 +48,9 @@ def encode_figure(fig, dpi: int = 72, jpeg_quality: int = 75) -> Tuple[str, byte
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", facecolor="white")
     img = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
     meta = {"min_panel_px": min_panel_width(fig, dpi, img.width)}
+    if img.width > PAGE_WIDTH:   # the page would show it scaled down: store it that way
+        img = img.resize((PAGE_WIDTH, round(img.height * PAGE_WIDTH / img.width)),
+                         Image.Resampling.LANCZOS)
     out = io.BytesIO()
     few = img.getcolors(maxcolors=256) is not None
     photo = any(len(im.get_array().shape) >= 2 and min(im.get_array().shape[:2]) >= 32
@@ -57,7 +63,7 @@ def encode_figure(fig, dpi: int = 72, jpeg_quality: int = 75) -> Tuple[str, byte
     return "image/jpeg", out.getvalue(), meta
 
 
-def book_figures(dpi: int = 72, jpeg_quality: int = 75) -> None:
+def book_figures(dpi: int = 72, jpeg_quality: int = 70) -> None:
     """Set the inline figures' resolution and register :func:`encode_figure` as the way
     IPython stores matplotlib figures (PNG or JPEG, one of the two per figure)."""
     import matplotlib
