@@ -38,7 +38,7 @@ def min_panel_width(fig, dpi: float, width_px: int, page_width: int = PAGE_WIDTH
     return int(min(widths)) if widths else 0
 
 
-def encode_figure(fig, dpi: int = 72, jpeg_quality: int = 70) -> Tuple[str, bytes, dict]:
+def encode_figure(fig, dpi: int = 72, jpeg_quality: int = 65) -> Tuple[str, bytes, dict]:
     """Render ``fig`` (tight bounding box, white background) and encode it as described
     in the module docstring. Returns ``(mimetype, data, metadata)``; the metadata holds
     ``min_panel_px`` (:func:`min_panel_width`)."""
@@ -63,7 +63,7 @@ def encode_figure(fig, dpi: int = 72, jpeg_quality: int = 70) -> Tuple[str, byte
     return "image/jpeg", out.getvalue(), meta
 
 
-def book_figures(dpi: int = 72, jpeg_quality: int = 70) -> None:
+def book_figures(dpi: int = 72, jpeg_quality: int = 65) -> None:
     """Set the inline figures' resolution and register :func:`encode_figure` as the way
     IPython stores matplotlib figures (PNG or JPEG, one of the two per figure)."""
     import matplotlib
