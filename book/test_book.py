@@ -428,3 +428,138 @@ def test_bibliography_page_in_browser(site, browser):
     assert entries >= len(keys), f"the bibliography page shows {entries} entries, references.bib has {len(keys)}"
     severe = [e for e in browser.get_log("browser") if e.get("level") == "SEVERE" and "favicon" not in e.get("message", "")]
     assert not severe, f"console errors: {[e['message'] for e in severe]}"
+
+
+# --------------------------------------------------------------------------- the book's house rules
+# (added with the second edition: summaries, solved exercises, light pages, clean outputs)
+#: chapters whose exercises have no worked solutions yet (the test fails once they get some,
+#: so that this list is kept up to date)
+PENDING_SOLUTIONS = {"10_training", "11_interpretability", "12_performance", "13_dense_prediction"}
+MAX_BOOK_BYTES = 4 * 2**20          # all notebooks together, outputs included
+MIN_PANEL_PX = 225                  # "about 250 px" (a tenth below allowed): narrowest panel on the page
+GALLERY_TAG = "figure-gallery"      # a cell drawing a gallery of thumbnails (digits, shapes)
+MACHINE_TEXT = re.compile(r"/work/|/tmp/|/home/|/Users/|\.venv|site-packages|"
+                          r"\b20\d\d-[01]\d-[0-3]\d\b")
+
+
+def _text_outputs(nb):
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != "code":
+            continue
+        for out in cell.outputs:
+            if "text" in out:
+                yield i, out["text"]
+            for mime in ("text/plain", "text/html", "text/markdown"):
+                if mime in out.get("data", {}):
+                    yield i, out["data"][mime]
+
+
+def _image_outputs(nb):
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != "code":
+            continue
+        for out in cell.outputs:
+            for mime in ("image/png", "image/jpeg"):
+                if mime in out.get("data", {}):
+                    yield i, mime, out.get("metadata", {}).get(mime, {})
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_chapter_has_a_summary(path):
+    nb = nbformat.read(path, as_version=4)
+    headings = re.findall(r"^## (.+)$", _without_code_blocks(_markdown(nb)), flags=re.M)
+    assert "Summary" in [h.strip() for h in headings], f"{path.name} has no '## Summary' section"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_exercise_has_a_solution(path):
+    """One code cell tagged ``solution`` (and ``hide-input``, folded on the site) per exercise,
+    after the exercises, executed (it has an execution count: nbval re-runs and checks it)."""
+    nb = nbformat.read(path, as_version=4)
+    where = [i for i, c in enumerate(nb.cells) if c.cell_type == "markdown"
+             and re.search(r"^## Exercises\s*$", c.source, flags=re.M)]
+    if not where:
+        pytest.skip(f"{path.name} has no exercises")
+    exercises = re.findall(r"^\d+\. ", nb.cells[where[0]].source.split("## Exercises", 1)[1],
+                           flags=re.M)
+    solutions = [c for c in nb.cells[where[0]:] if "solution" in c.metadata.get("tags", [])]
+    if path.stem in PENDING_SOLUTIONS:
+        assert not solutions, f"{path.name} has solutions now: remove it from PENDING_SOLUTIONS"
+        return
+    assert len(solutions) == len(exercises), \
+        f"{path.name}: {len(exercises)} exercises, {len(solutions)} cells tagged 'solution'"
+    for k, cell in enumerate(solutions, start=1):
+        assert cell.cell_type == "code" and "hide-input" in cell.metadata["tags"], \
+            f"{path.name}: solution {k} must be a code cell tagged 'hide-input' too"
+        assert cell.source.lstrip().startswith(f"# Exercise {k}"), \
+            f"{path.name}: solution {k} must start with '# Exercise {k}'"
+        assert cell.execution_count, f"{path.name}: solution {k} was not executed"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_code_lines_fit_the_page(path):
+    nb = nbformat.read(path, as_version=4)
+    long = [(i, line) for i, c in enumerate(nb.cells) if c.cell_type == "code"
+            for line in c.source.splitlines() if len(line) > 88]
+    assert not long, (f"{path.name}: {len(long)} code lines longer than 88 characters, e.g. "
+                      f"cell {long[0][0]}: {long[0][1]!r}")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_outputs_hold_no_machine_paths_or_dates(path):
+    nb = nbformat.read(path, as_version=4)
+    found = [(i, m.group(0)) for i, text in _text_outputs(nb) for m in [MACHINE_TEXT.search(text)] if m]
+    assert not found, f"{path.name}: stored outputs name the machine or a date: {found[:5]}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_figures_are_light_and_wide_enough(path):
+    """Every figure went through ``fec_core.figures.book_figures`` (palette PNG or JPEG, with
+    its narrowest panel recorded) and no panel is narrower than about 250 px on the page,
+    except in cells tagged ``figure-gallery`` (many small thumbnails, e.g. 8x8 digits)."""
+    nb = nbformat.read(path, as_version=4)
+    for i, mime, meta in _image_outputs(nb):
+        assert "min_panel_px" in meta, \
+            f"{path.name} cell {i}: a {mime} figure not stored by fec_core.figures.book_figures()"
+        if GALLERY_TAG in nb.cells[i].metadata.get("tags", []):
+            continue
+        assert meta["min_panel_px"] == 0 or meta["min_panel_px"] >= MIN_PANEL_PX, \
+            f"{path.name} cell {i}: a figure panel {meta['min_panel_px']} px wide on the page"
+
+
+def test_notebooks_together_are_light():
+    total = sum(p.stat().st_size for p in NOTEBOOKS)
+    sizes = ", ".join(f"{p.stem} {p.stat().st_size / 2**20:.2f}" for p in NOTEBOOKS)
+    assert total <= MAX_BOOK_BYTES, \
+        f"the notebooks weigh {total / 2**20:.2f} MiB together (at most 4): {sizes}"
+
+
+def test_book_figures_encoding():
+    """fec_core.figures: a plot becomes a palette PNG, a photograph a JPEG, both with the
+    narrowest panel's width on the page; the bundled photographs load by name."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from PIL import Image
+    import io
+
+    from fec_core.data import PHOTOGRAPHS, photograph
+    from fec_core.figures import PAGE_WIDTH, encode_figure
+
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.plot(np.sin(np.linspace(0, 6, 100)))
+    mime, data, meta = encode_figure(fig, dpi=72)
+    assert mime == "image/png" and Image.open(io.BytesIO(data)).mode == "P"
+    assert 250 < meta["min_panel_px"] < 6 * 72
+    plt.close(fig)
+    fig, axes = plt.subplots(1, 4, figsize=(16, 4))
+    for ax, name in zip(axes, list(PHOTOGRAPHS) * 2):
+        ax.imshow(photograph(name, 64))
+    mime, data, meta = encode_figure(fig, dpi=72)
+    assert mime == "image/jpeg"
+    assert meta["min_panel_px"] < PAGE_WIDTH / 4          # 16 inches are shown scaled down
+    plt.close(fig)
+    with pytest.raises(ValueError, match="unknown photograph"):
+        photograph("no such picture")

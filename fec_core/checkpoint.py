@@ -134,8 +134,10 @@ def check_state_dict(model: FEC, state_dict: Dict[str, torch.Tensor]) -> Dict[st
     Allowed on purpose: a classifier head whose shape differs from the model's (new
     number of classes: the model keeps its fresh head), a head or final norm that a
     head-less model does not have, the per-stage output norms of a dense model
-    loaded from a classification checkpoint (they start as identity), and the stages
-    a ``features_only`` model pruned (after its last ``out_indices``). Anything else
+    loaded from a classification checkpoint (they keep their fresh initialisation:
+    GroupNorms with weight 1 and bias 0, which normalize each stage's output but do
+    not rescale it; the downstream training learns them), and the stages a
+    ``features_only`` model pruned (after its last ``out_indices``). Anything else
     missing, unexpected or of another shape raises :class:`CheckpointError`.
     ``model`` may be timm's ``features_only`` wrapper of an FEC.
     """
@@ -163,7 +165,8 @@ def check_state_dict(model: FEC, state_dict: Dict[str, torch.Tensor]) -> Dict[st
         sd.pop("norm.weight"), sd.pop("norm.bias", None)
     out_norms = {k for k in own if k.startswith("out_norms.")}
     if out_norms and not any(k.startswith("out_norms.") for k in sd):
-        notes.append("per-stage output norms not in the checkpoint (a classification checkpoint): left as identity")
+        notes.append("per-stage output norms not in the checkpoint (a classification checkpoint): "
+                     "freshly initialised GroupNorms (weight 1, bias 0)")
         allowed_missing |= out_norms
     if not out_norms and any(k.startswith("out_norms.") for k in sd):
         raise CheckpointError("this checkpoint holds per-stage output norms (a dense-prediction backbone, "

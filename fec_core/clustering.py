@@ -34,7 +34,12 @@ transpose copy, and the pooling assignment runs over tiles with a running maximu
 so that its memory grows linearly with the number of pixels.
 
 Shapes: ``B`` batch (times heads and fold regions), ``N`` points, ``M`` centers,
-``C`` key channels, ``D`` value channels.
+``C`` key channels, ``D`` value channels. Feature maps are ``[B, C, W, H]`` in the
+official code's naming: ``W`` is the *first* spatial axis (the rows, top to bottom)
+and ``H`` the second (the columns), so ``W`` here is what images usually call the
+height; points are numbered row-major, ``n = row * H + col``. Where other modules write
+``[B, C, H, W]`` (PyTorch's usual letters), ``H`` is the rows: the same axes, other
+letters. The book's notation page states this once.
 """
 import os
 from typing import Tuple
@@ -324,9 +329,15 @@ def dispatch(representatives: torch.Tensor, index: torch.Tensor, weight: torch.T
 
 
 def dispatch_dense(representatives: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Dispatch (Eq. 7), literal form: ``out_n = sum_m weights[m, n] * r_m`` with the masked
-    gate ``weights`` [B, M, N] (zero outside the winning center). Builds the dense
-    ``[B, M, N, D]`` product, as written in the paper's pseudo code."""
+    """Dispatch (Eq. 7), literal form: ``out_n = sum_m weights[m, n] * r_m``, ``weights``
+    [B, M, N]. Builds the dense ``[B, M, N, D]`` product, the form of the supplement's
+    Algorithm S1 (``(R.unsqueeze(1) * refined_M.unsqueeze(-1)).sum(0)``).
+
+    The model passes the *masked* gate (zero outside each point's winning center), as the
+    official code does and the released weights were trained with; Algorithm S1 as
+    printed passes the unmasked gate ``sigmoid(alpha * M + beta)`` (every representative
+    reaches every point) and assigns by the raw cosine rather than by the gate. Chapter 7
+    compares the three side by side."""
     return (representatives.unsqueeze(2) * weights.unsqueeze(-1)).sum(dim=1)
 
 

@@ -1,8 +1,9 @@
-"""Offline data: the bundled photograph, generated ``shapes`` with masks, scanned ``digits``.
+"""Offline data: bundled photographs, generated ``shapes`` with masks, scanned ``digits``.
 
-Nothing here downloads: the photograph is matplotlib's ``sample_data/grace_hopper.jpg``,
-the digits are scikit-learn's bundled 8x8 scans (UCI), and ``shapes`` images are
-drawn procedurally, deterministic from a seed.
+Nothing here downloads: the photographs ship inside the dependencies (:data:`PHOTOGRAPHS`:
+matplotlib's ``sample_data/grace_hopper.jpg``, scikit-learn's ``china.jpg`` and
+``flower.jpg``), the digits are scikit-learn's bundled 8x8 scans (UCI), and ``shapes``
+images are drawn procedurally, deterministic from a seed.
 
 For training (chapter 10): :func:`digits_datasets`, :func:`shapes_datasets` (torch
 Datasets built from the arrays above) and :class:`ImageFolderDataset` /
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["sample_image", "sample_image_path", "to_tensor", "normalize", "denormalize",
+__all__ = ["PHOTOGRAPHS", "photograph", "photograph_path", "sample_image", "sample_image_path", "to_tensor", "normalize", "denormalize",
            "SHAPE_CLASSES", "make_shapes", "load_digits_arrays", "IMAGENET_MEAN", "IMAGENET_STD",
            "TensorImageDataset", "builtin_transform", "stratified_split", "digits_datasets", "shapes_datasets",
            "ImageFolderDataset", "image_folder_datasets", "IMG_EXTENSIONS"]
@@ -26,21 +27,39 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def sample_image_path() -> str:
-    """Path of the photograph bundled with matplotlib (Grace Hopper, 512x600 JPEG)."""
-    import matplotlib
+#: The photographs that ship inside the dependencies, by name: what they show and where
+#: they come from. :func:`photograph` loads them.
+PHOTOGRAPHS = {
+    "hopper": "Grace Hopper in uniform, before a flag (matplotlib, sample_data/grace_hopper.jpg)",
+    "china": "a Chinese temple among trees (scikit-learn, datasets/images/china.jpg)",
+    "flower": "a flower on dark leaves (scikit-learn, datasets/images/flower.jpg)",
+}
 
-    return str(matplotlib.get_data_path() + "/sample_data/grace_hopper.jpg")
+
+def photograph_path(name: str = "hopper") -> str:
+    """Path of the bundled photograph ``name`` (one of :data:`PHOTOGRAPHS`)."""
+    import os
+
+    if name == "hopper":
+        import matplotlib
+
+        return os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")
+    if name in ("china", "flower"):
+        import sklearn.datasets
+
+        return os.path.join(os.path.dirname(sklearn.datasets.__file__), "images", f"{name}.jpg")
+    raise ValueError(f"unknown photograph {name!r}; choose one of {', '.join(PHOTOGRAPHS)}")
 
 
-def sample_image(size: Optional[int] = 224, center_crop: bool = True) -> np.ndarray:
-    """The bundled photograph as a float array ``[H, W, 3]`` in [0, 1].
+def photograph(name: str = "hopper", size: Optional[int] = 224, center_crop: bool = True) -> np.ndarray:
+    """The bundled photograph ``name`` (:data:`PHOTOGRAPHS`) as a float array ``[H, W, 3]`` in [0, 1].
 
-    ``size``: resize the (center-cropped, square) image to ``size x size``; ``None`` keeps it.
+    ``center_crop``: cut the central square first; ``size``: then resize to
+    ``size x size`` (bicubic); ``None`` keeps the size.
     """
     from PIL import Image
 
-    img = Image.open(sample_image_path()).convert("RGB")
+    img = Image.open(photograph_path(name)).convert("RGB")
     if center_crop:
         w, h = img.size
         s = min(w, h)
@@ -48,6 +67,19 @@ def sample_image(size: Optional[int] = 224, center_crop: bool = True) -> np.ndar
     if size is not None:
         img = img.resize((size, size), Image.BICUBIC)
     return np.asarray(img, dtype=np.float32) / 255.0
+
+
+def sample_image_path() -> str:
+    """Path of the book's main photograph (Grace Hopper, 512x600 JPEG, bundled with matplotlib)."""
+    return photograph_path("hopper")
+
+
+def sample_image(size: Optional[int] = 224, center_crop: bool = True) -> np.ndarray:
+    """The book's main photograph (``photograph("hopper")``) as a float array ``[H, W, 3]`` in [0, 1].
+
+    ``size``: resize the (center-cropped, square) image to ``size x size``; ``None`` keeps it.
+    """
+    return photograph("hopper", size, center_crop)
 
 
 def to_tensor(img: np.ndarray, normalized: bool = True) -> torch.Tensor:

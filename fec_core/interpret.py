@@ -16,7 +16,9 @@ turns those records into **label maps at image resolution**:
 
 :func:`trace_clusters` does this for any input size and folding. :func:`merge_regions`
 merges the final representatives into ``k`` regions with scikit-learn's k-means
-(:cite:`lloyd1982kmeans`) on their features, as the paper's figures do;
+(:cite:`lloyd1982kmeans`) on their features; :func:`paper_regions` does it as the
+official ``cluster_visualize.py`` draws the paper's figures (key centers of the last
+pooling layer, non-empty clusters, unnormalized, one start);
 :func:`segment_foreground` turns two regions into an unsupervised foreground /
 background segmentation, :func:`kmeans_pixels` is the classical baseline
 (k-means on RGB plus coordinates) and :func:`evaluate_segmentation` measures
@@ -38,7 +40,7 @@ import torch.nn.functional as F
 from .model import FEC, ClusterRecord
 
 __all__ = ["LayerMap", "stem_points", "pool_parents", "encode_clusters", "trace", "trace_clusters",
-           "select_layers", "merge_regions", "border_share", "foreground_from_regions", "segment_foreground",
+           "select_layers", "merge_regions", "pool_key_centers", "paper_regions", "border_share", "foreground_from_regions", "segment_foreground",
            "kmeans_pixels", "kmeans_foreground", "patch_oracle", "foreground_iou", "evaluate_segmentation",
            "match_labels"]
 
@@ -262,16 +264,25 @@ def _kmeans(points: np.ndarray, k: int, seed: int, n_init: int) -> np.ndarray:
 
 
 def merge_regions(features: torch.Tensor, labels: torch.Tensor, k: int, seed: int = 0,
-                  normalize: bool = True, n_init: int = 10) -> torch.Tensor:
-    """Merge representatives into ``k`` regions with k-means (scikit-learn), as the paper's figures do.
+                  normalize: bool = True, n_init: int = 10, nonempty: bool = False) -> torch.Tensor:
+    """Merge representatives into ``k`` regions with k-means (scikit-learn).
 
-    ``features`` ``[B, C, h, w]``: the representatives (e.g. the last stage's output);
-    ``labels`` ``[B, H, W]``: every pixel's representative (row-major index into ``h x w``,
-    the last pooling layer's :attr:`LayerMap.labels`). Per image, k-means with ``k``
-    clusters runs on the ``h * w`` feature vectors (L2-normalized when ``normalize``:
-    FEC compares points by cosine) and each pixel takes its representative's region.
+    ``features`` ``[B, C, h, w]``: one vector per representative (e.g. the last stage's
+    output, or :func:`pool_key_centers`); ``labels`` ``[B, H, W]``: every pixel's
+    representative (row-major index into ``h x w``, the last pooling layer's
+    :attr:`LayerMap.labels`). Per image, k-means with ``k`` clusters runs on the feature
+    vectors (L2-normalized when ``normalize``: FEC compares points by cosine; ``n_init``
+    starts, the best kept) and each pixel takes its representative's region. With
+    ``nonempty`` only the representatives that some pixel joined take part, and when
+    there are at most ``k`` of them each is its own region (no k-means).
     Returns LongTensor ``[B, H, W]`` with values in ``0..k-1``. Regions are numbered by
     decreasing area, so the labels do not depend on k-means' arbitrary order.
+
+    The official ``cluster_visualize.py`` (the paper's figures) is :func:`paper_regions`:
+    this function on the last pooling layer's *key centers*, ``normalize=False``,
+    ``n_init=1``, ``nonempty=True``. The defaults here (the last stage's
+    representatives, normalized, 10 starts, all representatives) are this library's
+    variant; chapter 11 compares the two.
     """
     b, c, h, w = features.shape
     if labels.shape[0] != b:
@@ -285,9 +296,52 @@ def merge_regions(features: torch.Tensor, labels: torch.Tensor, k: int, seed: in
         feats = F.normalize(feats, dim=-1)
     out = torch.empty_like(labels)
     for i in range(b):
-        region = torch.from_numpy(_kmeans(feats[i].numpy(), k, seed, n_init)).long().to(labels.device)
-        out[i] = _by_area(region[labels[i]], k)
+        used = torch.unique(labels[i]).cpu() if nonempty else torch.arange(h * w)
+        if nonempty and len(used) <= k:
+            part = torch.arange(len(used))
+        else:
+            part = torch.from_numpy(_kmeans(feats[i][used].numpy(), k, seed, n_init)).long()
+        region = torch.zeros(h * w, dtype=torch.long)
+        region[used] = part
+        out[i] = _by_area(region.to(labels.device)[labels[i]], k)
     return out
+
+
+@torch.no_grad()
+def pool_key_centers(model: FEC, x: torch.Tensor, stage: int = -1) -> torch.Tensor:
+    """The key centers of a pooling layer (Eq. 4, chapters 3 and 8): the layer's keys
+    ``conv_f(input)`` average-pooled over its ``2x2`` center grid, ``[B, C, h, w]`` with
+    ``h x w`` the layer's output map. ``stage``: the stage whose pooling layer (1..3, or
+    -1 for the last). One forward pass of ``model`` on ``x`` ``[B, 3, H, W]``."""
+    pools = [s.downsample for s in model.stages if hasattr(s.downsample, "conv_f")]
+    if not pools:
+        raise ValueError("the model has no clustering pooling layer")
+    idx = stage - 1 if stage > 0 else stage
+    if not -len(pools) <= idx < len(pools):
+        raise ValueError(f"stage {stage}: the pooling layers are in stages 1..{len(pools)}")
+    layer, seen = pools[idx], []
+    handle = layer.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    try:
+        model.check_input(x)
+        model(x)
+    finally:
+        handle.remove()
+    keys = layer.conv_f(seen[0])
+    return F.adaptive_avg_pool2d(keys, (keys.shape[-2] // 2, keys.shape[-1] // 2))
+
+
+@torch.no_grad()
+def paper_regions(model: FEC, x: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
+    """The paper's figures (official ``cluster_visualize.py``): every pixel's final
+    (last pooling layer) cluster, and these clusters merged into ``k`` regions by k-means
+    on their unnormalized key centers (:func:`pool_key_centers`), non-empty clusters
+    only, one k-means start with ``random_state=seed`` (in float64; the official script
+    passes float32). ``x`` ``[B, 3, H, W]`` ->
+    LongTensor ``[B, H, W]`` (values ``0..k-1``, numbered by decreasing area)."""
+    _, maps, _ = trace_clusters(model, x)
+    last = [m for m in maps if m.kind == "pool"][-1]
+    centers = pool_key_centers(model, x)
+    return merge_regions(centers, last.labels, k, seed=seed, normalize=False, n_init=1, nonempty=True)
 
 
 def _by_area(labels: torch.Tensor, k: int) -> torch.Tensor:
