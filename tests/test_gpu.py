@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import fec_core.clustering as cl
 from fec_core import FEC, kernels
 from fec_core.numerics import assert_assignments_close, tolerance
+from conftest import tiny_model
 
 DEVICE = os.environ.get("FEC_TEST_DEVICE", "cuda")
 ON_CUDA = DEVICE.startswith("cuda")
@@ -182,16 +183,7 @@ def test_encode_paths_random_keys_keep_the_contract(dtype):
 
 # ----------------------------------------------------------------------------- whole model
 def tiny(**kw):
-    args = dict(layers=(1, 1, 1, 1), embed_dims=(16, 24, 32, 40), mlp_ratios=(2, 2, 2, 2), heads=(2, 2, 2, 2),
-                head_dim=(8, 8, 8, 8), num_classes=7)
-    args.update(kw)
-    torch.manual_seed(0)
-    m = FEC(**args)
-    with torch.no_grad():  # lift the layer scale (1e-5 at init) so the clustering shows in the output
-        for name, p in m.named_parameters():
-            if "layer_scale" in name:
-                p.fill_(0.5)
-    return m.to(DEVICE)
+    return tiny_model(**kw).to(DEVICE)
 
 
 def _model_run(m, x, literal, dtype):

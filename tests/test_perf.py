@@ -23,23 +23,14 @@ import torch.nn.functional as F
 import fec_core.clustering as cl
 from fec_core import FEC, kernels, load_checkpoint
 from fec_core.layers import ClusterEncode, ClusterPool
+from conftest import tiny_model
 
 DATA = Path(__file__).parent / "data"
 GOLDEN = ["tiny_cls", "tiny_fold_dense", "tiny_rect_dense"]
 HAS_CUDA = torch.cuda.is_available()
 
 
-def tiny(**kw):
-    args = dict(layers=(1, 1, 1, 1), embed_dims=(16, 24, 32, 40), mlp_ratios=(2, 2, 2, 2), heads=(2, 2, 2, 2),
-                head_dim=(8, 8, 8, 8), num_classes=7)
-    args.update(kw)
-    torch.manual_seed(0)
-    m = FEC(**args)
-    with torch.no_grad():  # lift the layer scale (1e-5 at init) so the clustering shows in the output
-        for name, p in m.named_parameters():
-            if "layer_scale" in name:
-                p.fill_(0.5)
-    return m
+tiny = tiny_model
 
 
 def grads(module, x, literal):

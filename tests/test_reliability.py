@@ -32,12 +32,7 @@ TINY = ["--dataset", "shapes", "--img-size", "32", "--train-samples", "32", "--v
         "--no-progress"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cli(module, *args, timeout=300):

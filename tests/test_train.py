@@ -19,13 +19,7 @@ from fec_core.train import (PRESETS, Accuracy, MeanIoU, TrainConfig, build_datas
 from conftest import golden_model, load_golden
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest (and reproducibly) on one thread, above all on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_fec(num_classes=4, **kw):

@@ -56,8 +56,10 @@ Command line (``python -m fec_core.train --help``)::
     python -m fec_core.train --dataset digits --evaluate --resume runs/digits-fec_tiny-.../best.pt
     torchrun --nproc_per_node=8 -m fec_core.train --data-dir /data/imagenet --model fec_small
 
-The paper's recipe (its ImageNet setup and the official ``train.py`` / ``cmds/train.sh``): AdamW, lr
-1e-3 per 1,024 images (scaled linearly with the global batch), weight decay 0.05 (none on
+The ImageNet recipe (``PAPER_RECIPE``; chapter 10 gives the source of each setting: the
+supplement, the official ``train.py`` / ``cmds/train.sh``, or this library): AdamW, lr 1e-3 for
+a global batch of 1,024 images (scaling it linearly with other batch sizes is this library's
+rule, not the paper's), weight decay 0.05 (none on
 1-D parameters: norms, biases, layer scales ``layer_scale_1/2``, ``sim_alpha``/``sim_beta``),
 cosine schedule to 1e-6 with 5 warm-up epochs from 1e-6, 300 epochs, label smoothing 0.1,
 Mixup 0.8 / CutMix 1.0, RandAugment ``rand-m9-mstd0.5-inc1``, random erasing 0.25, drop path
