@@ -73,7 +73,7 @@ class TrainConfig:
     folder), ``seed``, ``device`` ('auto', 'cpu', 'cuda', 'cuda:1'), ``threads`` (CPU threads
     for PyTorch during ``fit``, restored afterwards; 0 leaves PyTorch's choice; the small presets use 1:
     their tiny convolutions gain little from more, a busy machine loses a lot, and one thread
-    gives the same numbers on every machine), ``find_unused_parameters``
+    gives the same numbers from run to run on one machine), ``find_unused_parameters``
     (DDP, for custom models with parameters that get no gradient), ``log_interval`` (steps).
     """
 
