@@ -242,17 +242,15 @@ def _cosine_argmax(c: torch.Tensor, p: torch.Tensor, max_elements: int) -> torch
             return _cosine_argmax_tiles(c, p, _tile_budget(c, max_elements), 1)
     budget = _tile_budget(c, max_elements)
     b, m, _ = c.shape
-    n = p.shape[1]
-    if b * m * n <= budget:
-        return torch.matmul(p, c.transpose(1, 2)).max(dim=-1)[1]
-    min_tile = _min_tile(n)
+    min_tile = _min_tile(p.shape[1])
     if b > 1 and b * m * min_tile > budget:  # split the batch
         bt = max(1, budget // (m * min_tile))
         parts = []
         for i in range(0, b, bt):
-            parts.append(_cosine_argmax_tiles(c[i:i + bt], p[i:i + bt], budget, c[i:i + bt].shape[0]))
+            ci, pi = c[i:i + bt], p[i:i + bt]
+            parts.append(_cosine_argmax_tiles(ci, pi, budget, ci.shape[0]))
         return torch.cat(parts, dim=0)
-    return _cosine_argmax_tiles(c, p, budget, b)
+    return _cosine_argmax_tiles(c, p, budget, b)  # one product when it fits the budget
 
 
 def _cosine_argmax_tiles(c: torch.Tensor, p: torch.Tensor, budget: int, b: int) -> torch.Tensor:
