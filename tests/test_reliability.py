@@ -142,6 +142,45 @@ def test_ctrl_c_says_how_to_resume_and_the_resume_extends_the_schedule(tmp_path)
     assert ck["epoch"] == done + 1 and json.loads((out / "config.json").read_text())["epochs"] == done + 1
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to this process is POSIX")
+def test_ctrl_c_during_a_checkpoint_write_lets_the_write_finish(tmp_path):
+    """The CI failure this guards: Ctrl-C landed inside ``torch.save``, whose zip writer then
+    raised a RuntimeError ("unexpected pos") that hid the KeyboardInterrupt. A first Ctrl-C
+    now waits for the file to be complete, then interrupts; a second one interrupts at once
+    and leaves no partial file."""
+    from fec_core.train.runfiles import atomic_save, _write_atomic
+    state = {"w": torch.arange(100_000.0)}
+
+    def interrupted_save(f, times):
+        for _ in range(times):
+            os.kill(os.getpid(), signal.SIGINT)
+        torch.save(state, f)
+
+    with pytest.raises(KeyboardInterrupt):
+        _write_atomic(str(tmp_path / "one.pt"), lambda f: interrupted_save(f, 1))
+    assert torch.equal(torch.load(tmp_path / "one.pt")["w"], state["w"])
+    atomic_save({"old": 1}, str(tmp_path / "two.pt"))
+    with pytest.raises(KeyboardInterrupt):
+        _write_atomic(str(tmp_path / "two.pt"), lambda f: interrupted_save(f, 2))
+    assert torch.load(tmp_path / "two.pt") == {"old": 1} and sorted(os.listdir(tmp_path)) == ["one.pt", "two.pt"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_an_interrupt_hidden_by_torch_save_stays_an_interrupt(tmp_path):
+    """torch.save's zip writer raises RuntimeError while handling the KeyboardInterrupt."""
+    from fec_core.train.runfiles import _write_atomic
+
+    def masked(f):
+        try:
+            raise KeyboardInterrupt
+        finally:
+            raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos")
+
+    with pytest.raises(KeyboardInterrupt):
+        _write_atomic(str(tmp_path / "x.pt"), masked)
+    assert os.listdir(tmp_path) == []
+
+
 # ----------------------------------------------------------------------------- resume and schedule
 def test_resume_with_more_epochs_follows_the_longer_schedule(tmp_path, capsys):
     """--epochs 4 on a finished 2-epoch run: epochs 3-4 get the learning rates of a run

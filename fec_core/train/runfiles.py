@@ -13,6 +13,8 @@ import contextlib
 import errno
 import os
 import shutil
+import signal
+import threading
 import warnings
 from typing import Any, Callable, Dict, Optional
 
@@ -57,14 +59,17 @@ def _write_atomic(path: str, write: Callable[[Any], None]) -> None:
     removed and a :class:`SaveError` says what failed."""
     tmp = path + ".tmp"
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:  # also Ctrl-C in the middle of a write: no partial file stays
+        with _ctrl_c_after_write():
+            with open(tmp, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+    except BaseException as e:  # a second Ctrl-C in the middle of a write: no partial file stays
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if _caused_by(e, KeyboardInterrupt):  # torch.save can mask it with a RuntimeError
+            raise KeyboardInterrupt from None
         cause = _os_error(e)
         if cause is not None:
             kept = "the previous version is kept" if os.path.exists(path) else "nothing was written"
@@ -74,15 +79,45 @@ def _write_atomic(path: str, write: Callable[[Any], None]) -> None:
         raise
 
 
-def _os_error(e: BaseException) -> Optional[OSError]:
-    """The ``OSError`` behind ``e``: ``torch.save`` can turn a failed write into a
-    ``RuntimeError`` ("unexpected pos ...") raised while handling the ``OSError``."""
-    seen = 0
-    while e is not None and seen < 8:
-        if isinstance(e, OSError):
+@contextlib.contextmanager
+def _ctrl_c_after_write():
+    """Hold a first Ctrl-C (SIGINT) until the file is complete, then raise
+    ``KeyboardInterrupt``: the run stops with the checkpoint it was writing. A second
+    Ctrl-C interrupts at once. Only in the main thread (where Python delivers signals)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    held = []
+
+    def hold(signum, frame):
+        if held:
+            raise KeyboardInterrupt
+        held.append(signum)
+
+    signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if held:
+        raise KeyboardInterrupt
+
+
+def _caused_by(e: Optional[BaseException], kind: type) -> Optional[BaseException]:
+    """The exception of type ``kind`` in ``e``'s chain (``__cause__``/``__context__``):
+    ``torch.save`` turns a failed or interrupted write into a ``RuntimeError`` ("unexpected
+    pos ...") raised while handling the original exception."""
+    for _ in range(8):
+        if e is None or isinstance(e, kind):
             return e
-        e, seen = e.__cause__ or e.__context__, seen + 1
+        e = e.__cause__ or e.__context__
     return None
+
+
+def _os_error(e: BaseException) -> Optional[OSError]:
+    """The ``OSError`` behind ``e`` (see :func:`_caused_by`)."""
+    return _caused_by(e, OSError)
 
 
 def atomic_save(obj: Any, path: str) -> None:
