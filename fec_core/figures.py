@@ -14,13 +14,16 @@ as the page would show it.
 
 It also sets a screen resolution (``dpi``) for inline figures. Outside IPython it
 only sets the resolution.
+
+:func:`gallery` draws many small images (digits, shapes, label maps) as ONE image in one
+axes, so that a gallery is one wide panel on the page instead of dozens of narrow ones.
 """
 from __future__ import annotations
 
 import io
 from typing import Optional, Tuple
 
-__all__ = ["book_figures", "encode_figure", "PAGE_WIDTH", "min_panel_width"]
+__all__ = ["book_figures", "encode_figure", "gallery", "PAGE_WIDTH", "min_panel_width"]
 
 #: Width in pixels of the website's text column; wider images are shown scaled down to it.
 PAGE_WIDTH = 800
@@ -103,3 +106,45 @@ def book_figures(dpi: int = 72, jpeg_quality: int = 65) -> None:
         formatters[mime].pop(Figure, None)
     formatters["image/png"].for_type(Figure, as_mime("image/png"))
     formatters["image/jpeg"].for_type(Figure, as_mime("image/jpeg"))
+
+
+def gallery(ax, images, ncols: int, titles=None, row_labels=None, pad: float = 0.08,
+            fontsize: float = 9):
+    """Draw equally sized images as one montage in the axes ``ax``, row-major.
+
+    ``images``: a sequence of ``[H, W, 3]`` RGB (or ``[H, W]`` gray) arrays or tensors in
+    [0, 1], all of one size; ``titles``: a text above each image (or ``None``);
+    ``row_labels``: a text left of each row. ``pad``: the gap between images, as a
+    fraction of an image's width. Returns the offsets ``[(x0, y0), ...]`` of the images
+    in the axes' data coordinates, so that boxes or outlines can be drawn over them
+    (a point ``(x, y)`` of image ``i`` lies at ``(x0 + x, y0 + y)``).
+    """
+    import numpy as np
+
+    arrays = []
+    for im in images:
+        a = np.asarray(im.detach().cpu() if hasattr(im, "detach") else im, dtype=np.float32)
+        arrays.append(np.repeat(a[..., None], 3, axis=2) if a.ndim == 2 else a[..., :3])
+    if not arrays:
+        raise ValueError("gallery needs at least one image")
+    h, w = arrays[0].shape[:2]
+    if any(a.shape[:2] != (h, w) for a in arrays):
+        raise ValueError("gallery images must all have the same size")
+    gap = max(1, round(pad * w))
+    rows = -(-len(arrays) // ncols)
+    canvas = np.ones((rows * (h + gap) - gap, ncols * (w + gap) - gap, 3), np.float32)
+    offsets = []
+    for i, a in enumerate(arrays):
+        y0, x0 = (i // ncols) * (h + gap), (i % ncols) * (w + gap)
+        canvas[y0:y0 + h, x0:x0 + w] = np.clip(a, 0, 1)
+        offsets.append((x0, y0))
+    ax.imshow(canvas, interpolation="nearest")
+    ax.set_xticks([]), ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    for (x0, y0), title in zip(offsets, titles or []):
+        ax.text(x0 + w / 2, y0 - gap / 2, title, ha="center", va="bottom", fontsize=fontsize)
+    for r, label in enumerate(row_labels or []):
+        ax.text(-gap, r * (h + gap) + h / 2, label, ha="right", va="center",
+                rotation=90, fontsize=fontsize + 1)
+    return offsets
