@@ -432,12 +432,8 @@ def test_bibliography_page_in_browser(site, browser):
 
 # --------------------------------------------------------------------------- the book's house rules
 # (added with the second edition: summaries, solved exercises, light pages, clean outputs)
-#: chapters whose exercises have no worked solutions yet (the test fails once they get some,
-#: so that this list is kept up to date)
-PENDING_SOLUTIONS = {"10_training", "11_interpretability", "12_performance", "13_dense_prediction"}
 MAX_BOOK_BYTES = 4 * 2**20          # all notebooks together, outputs included
 MIN_PANEL_PX = 225                  # "about 250 px" (a tenth below allowed): narrowest panel on the page
-GALLERY_TAG = "figure-gallery"      # a cell drawing a gallery of thumbnails (digits, shapes)
 MACHINE_TEXT = re.compile(r"/work/|/tmp/|/home/|/Users/|\.venv|site-packages|"
                           r"\b20\d\d-[01]\d-[0-3]\d\b")
 
@@ -483,9 +479,6 @@ def test_every_exercise_has_a_solution(path):
     exercises = re.findall(r"^\d+\. ", nb.cells[where[0]].source.split("## Exercises", 1)[1],
                            flags=re.M)
     solutions = [c for c in nb.cells[where[0]:] if "solution" in c.metadata.get("tags", [])]
-    if path.stem in PENDING_SOLUTIONS:
-        assert not solutions, f"{path.name} has solutions now: remove it from PENDING_SOLUTIONS"
-        return
     assert len(solutions) == len(exercises), \
         f"{path.name}: {len(exercises)} exercises, {len(solutions)} cells tagged 'solution'"
     for k, cell in enumerate(solutions, start=1):
@@ -515,14 +508,12 @@ def test_outputs_hold_no_machine_paths_or_dates(path):
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_figures_are_light_and_wide_enough(path):
     """Every figure went through ``fec_core.figures.book_figures`` (palette PNG or JPEG, with
-    its narrowest panel recorded) and no panel is narrower than about 250 px on the page,
-    except in cells tagged ``figure-gallery`` (many small thumbnails, e.g. 8x8 digits)."""
+    its narrowest panel recorded) and no panel is narrower than about 250 px on the page
+    (a gallery of thumbnails is one montage, ``fec_core.figures.gallery``)."""
     nb = nbformat.read(path, as_version=4)
     for i, mime, meta in _image_outputs(nb):
         assert "min_panel_px" in meta, \
             f"{path.name} cell {i}: a {mime} figure not stored by fec_core.figures.book_figures()"
-        if GALLERY_TAG in nb.cells[i].metadata.get("tags", []):
-            continue
         assert meta["min_panel_px"] == 0 or meta["min_panel_px"] >= MIN_PANEL_PX, \
             f"{path.name} cell {i}: a figure panel {meta['min_panel_px']} px wide on the page"
 
@@ -563,3 +554,16 @@ def test_book_figures_encoding():
     plt.close(fig)
     with pytest.raises(ValueError, match="unknown photograph"):
         photograph("no such picture")
+    # a gallery of 30 thumbnails is one panel as wide as the figure
+    from fec_core.figures import gallery
+
+    fig, ax = plt.subplots(figsize=(10, 3.5))
+    offsets = gallery(ax, [np.full((8, 8), i / 30) for i in range(30)], ncols=10,
+                      titles=[str(i) for i in range(30)], row_labels=["a", "b", "c"])
+    assert len(offsets) == 30 and offsets[11][0] == offsets[1][0] > offsets[0][0] == 0
+    mime, data, meta = encode_figure(fig, dpi=72)
+    assert meta["min_panel_px"] > 500
+    plt.close(fig)
+    with pytest.raises(ValueError, match="same size"):
+        gallery(plt.gca(), [np.zeros((8, 8)), np.zeros((4, 4))], ncols=2)
+    plt.close("all")
