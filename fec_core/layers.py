@@ -11,6 +11,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.fx
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 
 from . import clustering as cl
@@ -177,8 +178,10 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.drop(self.act(self.fc1(x.permute(0, 2, 3, 1))))
-        return self.drop(self.fc2(x)).permute(0, 3, 1, 2)
+        # fc1 / fc2 are nn.Linear (the checkpoints' keys and shapes), applied as 1x1
+        # convolutions to the channels-first map: no permuted copies (chapter 12)
+        x = self.drop(self.act(F.conv2d(x, self.fc1.weight[:, :, None, None], self.fc1.bias)))
+        return self.drop(F.conv2d(x, self.fc2.weight[:, :, None, None], self.fc2.bias))
 
 
 class ClusterBlock(nn.Module):
