@@ -27,8 +27,9 @@ the math with dense tensors, and a *fast* path (the default) that never builds
 the dense ``[B, M, N]`` mask nor the ``[B, M, N, D]`` dispatch product, and, for
 pooling, never the ``[B, N/4, N]`` similarity. Tests check that both paths give
 the same numbers and gradients. Chapter 12 (performance) explains the fast path's
-internals: the layer functions keep channels first (``[B, D, N]``) so that the
-scatter and the gather read and write contiguous rows and the output needs no
+internals: the layer functions call :func:`aggregate` and :func:`dispatch` with
+``channels_first=True`` (``[B, D, N]``, the layout the 1x1 convolutions produce) so that
+the scatter and the gather read and write contiguous rows and the output needs no
 transpose copy, and the pooling assignment runs over tiles with a running maximum
 (:func:`assign_nearest`; on CUDA a fused Triton kernel, :mod:`fec_core.kernels`),
 so that its memory grows linearly with the number of pixels.
@@ -83,14 +84,6 @@ def set_scatter_backend(name: str) -> None:
     if name == "torch_scatter" and not HAS_TORCH_SCATTER:
         raise ImportError("torch-scatter is not installed: pip install 'fec-core[scatter]'")
     _BACKEND = name
-
-
-def _scatter_sum(src: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
-    """Sum rows of ``src`` [K, D] into ``size`` rows by ``index`` [K]."""
-    if _BACKEND == "torch_scatter":
-        return _ts_scatter_sum(src, index, dim=0, dim_size=size)
-    out = src.new_zeros(size, src.shape[-1])
-    return out.index_add_(0, index, src)
 
 
 # --------------------------------------------------------------------------- layout
@@ -300,21 +293,39 @@ def one_hot(index: torch.Tensor, num_centers: int, dtype: torch.dtype = torch.fl
 
 
 # --------------------------------------------------------------------------- Eq. 6
-def aggregate(values: torch.Tensor, center_values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def aggregate(values: torch.Tensor, center_values: torch.Tensor, index: torch.Tensor,
+              channels_first: bool = False) -> torch.Tensor:
     """Aggregation (Eq. 6, chapter 6), scatter form.
 
     ``values`` [B, N, D], ``center_values`` [B, M, D], ``index`` [B, N] ->
     representatives [B, M, D], ``r_m = (c_m + sum_{n: index_n = m} v_n) / (1 + |m|)``.
     The center value counts as one member, so an empty cluster keeps its center.
-    Uses a scatter-add (native ``index_add_`` or ``torch_scatter``), no dense mask.
+    One scatter-add of the values into their clusters (native ``scatter_add_`` or
+    ``torch_scatter``), one of ones for the sizes: no dense mask.
+
+    ``channels_first=True`` is the layout the model runs (chapter 12): ``values``
+    [B, D, N], ``center_values`` [B, D, M] -> [B, D, M]. The key and value maps come out of
+    1x1 convolutions as [B, D, W, H], so [B, D, N] is a free view and the scatter writes
+    contiguous rows. Points-first inputs are handled as transposed views of the same
+    computation. Half and bfloat16 values are summed in float32 (as a matrix product
+    would accumulate them) and returned in their own type.
     """
-    b, m, d = center_values.shape
-    n = values.shape[1]
-    flat = (index + torch.arange(b, device=index.device).unsqueeze(1) * m).reshape(-1)
-    sums = _scatter_sum(values.reshape(b * n, d), flat, b * m).reshape(b, m, d)
-    counts = torch.zeros(b * m, device=values.device, dtype=values.dtype)
-    counts = counts.index_add_(0, flat, torch.ones_like(flat, dtype=values.dtype)).reshape(b, m, 1)
-    return (sums + center_values) / (counts + 1.0)
+    if not channels_first:  # [B, N, D] as a [B, D, N] view
+        values, center_values = values.transpose(1, 2), center_values.transpose(1, 2)
+    b, d, m = center_values.shape
+    half = values.dtype == torch.float16 or values.dtype == torch.bfloat16
+    src = values.float() if half else values
+    rows = index.unsqueeze(1).expand(-1, d, -1)  # [B, D, N]: the cluster of every value
+    if torch.jit.is_scripting():  # TorchScript: the native scatter
+        sums = src.new_zeros(b, d, m).scatter_add_(2, rows, src)
+    elif _BACKEND == "torch_scatter":
+        sums = _ts_scatter_sum(src, rows, dim=2, dim_size=m)
+    else:
+        sums = src.new_zeros(b, d, m).scatter_add_(2, rows, src)
+    counts = src.new_zeros(b, m).scatter_add_(1, index, src.new_ones([1]).expand(index.shape))
+    reps = (sums + center_values) / (counts.unsqueeze(1) + 1.0)
+    reps = reps.to(values.dtype) if half else reps
+    return reps if channels_first else reps.transpose(1, 2)
 
 
 def aggregate_dense(values: torch.Tensor, center_values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -324,15 +335,23 @@ def aggregate_dense(values: torch.Tensor, center_values: torch.Tensor, mask: tor
 
 
 # --------------------------------------------------------------------------- Eq. 7
-def dispatch(representatives: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def dispatch(representatives: torch.Tensor, index: torch.Tensor, weight: torch.Tensor,
+             channels_first: bool = False) -> torch.Tensor:
     """Dispatch (Eq. 7, chapter 7), gather form.
 
     ``representatives`` [B, M, D], ``index`` [B, N], ``weight`` [B, N] (the winning
     gate value) -> [B, N, D], ``out_n = weight_n * r_{index_n}``.
+    ``channels_first=True`` (the model's layout, chapter 12): ``representatives``
+    [B, D, M] -> [B, D, N], already the layout of the next 1x1 convolution. The same
+    gather along the other axis.
     """
-    d = representatives.shape[-1]
-    picked = torch.gather(representatives, 1, index.unsqueeze(-1).expand(-1, -1, d))
-    return picked * weight.unsqueeze(-1)
+    if not channels_first:  # [B, M, D] -> [B, N, D]
+        d = representatives.shape[-1]
+        picked = torch.gather(representatives, 1, index.unsqueeze(-1).expand(-1, -1, d))
+        return picked * weight.unsqueeze(-1)
+    d = representatives.shape[1]
+    picked = torch.gather(representatives, 2, index.unsqueeze(1).expand(-1, d, -1))
+    return picked * weight.unsqueeze(1)
 
 
 def dispatch_dense(representatives: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -346,46 +365,6 @@ def dispatch_dense(representatives: torch.Tensor, weights: torch.Tensor) -> torc
     reaches every point) and assigns by the raw cosine rather than by the gate. Chapter 7
     compares the three side by side."""
     return (representatives.unsqueeze(2) * weights.unsqueeze(-1)).sum(dim=1)
-
-
-# --------------------------------------------------------------------------- fast path internals
-# The layer functions below keep channels first: the key and value maps arrive as
-# [B, D, W, H] (contiguous from the 1x1 convolutions), so [B, D, N] is a free view.
-# Scattering and gathering along the last axis of [B, D, N] reads and writes
-# contiguous rows, and the dispatched output is already in the layout the next
-# convolution wants (no transpose copy). Public aggregate() / dispatch() keep the
-# points-first [B, N, D] form of the book's chapters 6 and 7.
-
-def _aggregate_cf(values: torch.Tensor, center_values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Aggregation (Eq. 6), channels first: ``values`` [B, D, N], ``center_values`` [B, D, M],
-    ``index`` [B, N] -> representatives [B, D, M], ``(c_m + sum_{n in m} v_n) / (1 + |m|)``.
-
-    Same numbers as :func:`aggregate` (to float rounding); one scatter-add along ``N``
-    for the sums and one for the counts, no ``[B, M, N]`` mask, no transpose copy.
-    Half and bfloat16 values are summed in float32 (as a matmul would accumulate them)
-    and the result is returned in the values' type.
-    """
-    b, d, m = center_values.shape
-    half = values.dtype == torch.float16 or values.dtype == torch.bfloat16
-    src = values.float() if half else values
-    rows = index.unsqueeze(1).expand(-1, d, -1)  # [B, D, N]: the cluster of every value
-    if torch.jit.is_scripting():  # TorchScript: the native scatter
-        sums = src.new_zeros(b, d, m).scatter_add_(2, rows, src)
-    elif _BACKEND == "torch_scatter":
-        sums = _ts_scatter_sum(src, rows, dim=2, dim_size=m)
-    else:
-        sums = src.new_zeros(b, d, m).scatter_add_(2, rows, src)
-    counts = src.new_zeros(b, m).scatter_add_(1, index, src.new_ones([1]).expand(index.shape))
-    reps = (sums + center_values) / (counts.unsqueeze(1) + 1.0)
-    return reps.to(values.dtype) if half else reps
-
-
-def _dispatch_cf(representatives: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Dispatch (Eq. 7), channels first: ``representatives`` [B, D, M], ``index`` [B, N],
-    ``weight`` [B, N] -> [B, D, N], ``out[:, n] = weight_n * r_{index_n}`` (a gather)."""
-    d = representatives.shape[1]
-    picked = torch.gather(representatives, 2, index.unsqueeze(1).expand(-1, d, -1))
-    return picked * weight.unsqueeze(1)
 
 
 # --------------------------------------------------------------------------- layers
@@ -408,8 +387,8 @@ def cluster_encode(keys: torch.Tensor, values: torch.Tensor, alpha: torch.Tensor
         reps = aggregate_dense(pv, cv, mask)
         return dispatch_dense(reps, scores * mask), index
     # fast path, channels first: [B, D, N] views, no mask, no [B, M, N, D] product
-    reps = _aggregate_cf(values.flatten(2), cv_map.flatten(2), index)  # [B, D, M]
-    out = _dispatch_cf(reps, index, best)  # [B, D, N]
+    reps = aggregate(values.flatten(2), cv_map.flatten(2), index, channels_first=True)  # [B, D, M]
+    out = dispatch(reps, index, best, channels_first=True)  # [B, D, N]
     return out.transpose(1, 2), index  # [B, N, D] view of a channels-first tensor
 
 
@@ -437,7 +416,7 @@ def cluster_pool(keys: torch.Tensor, values: torch.Tensor, literal: bool = False
         reps = aggregate_dense(pv, cv, one_hot(index, ck.shape[1], pv.dtype))
         return reps.transpose(1, 2).reshape(b, -1, grid[0], grid[1]), index
     index = assign_nearest(to_points(ck_map), to_points(keys))
-    reps = _aggregate_cf(values.flatten(2), cv_map.flatten(2), index)  # [B, D, M], channels first
+    reps = aggregate(values.flatten(2), cv_map.flatten(2), index, channels_first=True)  # [B, D, M]
     return reps.reshape(b, -1, grid[0], grid[1]), index
 
 
