@@ -89,27 +89,30 @@ def set_scatter_backend(name: str) -> None:
 # --------------------------------------------------------------------------- layout
 def fold(x: torch.Tensor, fold_w: int, fold_h: int) -> torch.Tensor:
     """Region folding: split ``[B, C, W, H]`` into ``fold_w x fold_h`` regions,
-    ``[B * fold_w * fold_h, C, W / fold_w, H / fold_h]`` (region index row-major).
+    ``[B * fold_w * fold_h, C, W / fold_w, H / fold_h]`` (region index row-major):
+    ``fold_w`` regions down the rows (``W``, the first spatial axis, as in the official
+    code) and ``fold_h`` across the columns.
 
     Clustering then happens inside each region (chapter 5). The sizes must divide.
     """
     if fold_w == 1 and fold_h == 1:
         return x
-    b, c, w, h = x.shape
-    if w % fold_w or h % fold_h:
-        raise ValueError(f"feature map {w}x{h} cannot be folded into {fold_w}x{fold_h} regions")
-    x = x.reshape(b, c, fold_w, w // fold_w, fold_h, h // fold_h)
-    return x.permute(0, 2, 4, 1, 3, 5).reshape(b * fold_w * fold_h, c, w // fold_w, h // fold_h)
+    b, c, rows, cols = x.shape
+    if rows % fold_w or cols % fold_h:
+        raise ValueError(f"feature map {rows}x{cols} cannot be folded into {fold_w}x{fold_h} regions")
+    x = x.reshape(b, c, fold_w, rows // fold_w, fold_h, cols // fold_h)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(b * fold_w * fold_h, c, rows // fold_w, cols // fold_h)
 
 
 def unfold(x: torch.Tensor, fold_w: int, fold_h: int) -> torch.Tensor:
-    """Inverse of :func:`fold`: ``[B * fw * fh, C, w, h]`` -> ``[B, C, fw * w, fh * h]``."""
+    """Inverse of :func:`fold`: ``[B * fold_w * fold_h, C, rows, cols]`` (one region each)
+    -> ``[B, C, fold_w * rows, fold_h * cols]``."""
     if fold_w == 1 and fold_h == 1:
         return x
-    bf, c, w, h = x.shape
+    bf, c, rows, cols = x.shape  # one region's rows and columns
     b = bf // (fold_w * fold_h)
-    x = x.reshape(b, fold_w, fold_h, c, w, h).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, c, fold_w * w, fold_h * h)
+    x = x.reshape(b, fold_w, fold_h, c, rows, cols).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c, fold_w * rows, fold_h * cols)
 
 
 def to_points(x: torch.Tensor) -> torch.Tensor:
@@ -126,11 +129,11 @@ def centers(x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
     kernels); otherwise PyTorch's adaptive pooling, whose windows may overlap.
     """
     gw, gh = grid
-    w, h = x.shape[-2:]
-    if w % gw == 0 and h % gh == 0:
-        if (w, h) == (gw, gh):
+    rows, cols = x.shape[-2:]
+    if rows % gw == 0 and cols % gh == 0:
+        if (rows, cols) == (gw, gh):
             return x
-        return F.avg_pool2d(x, (w // gw, h // gh))
+        return F.avg_pool2d(x, (rows // gw, cols // gh))
     return F.adaptive_avg_pool2d(x, (gw, gh))
 
 
@@ -404,10 +407,10 @@ def cluster_pool(keys: torch.Tensor, values: torch.Tensor, literal: bool = False
     grows linearly with ``N`` (its compute stays quadratic: every point is compared
     with every center of its region).
     """
-    b, _, w, h = keys.shape
-    if w % 2 or h % 2:
-        raise ValueError(f"cluster pooling needs an even feature map, got {w}x{h}")
-    grid = (w // 2, h // 2)
+    b, _, rows, cols = keys.shape
+    if rows % 2 or cols % 2:
+        raise ValueError(f"cluster pooling needs an even feature map, got {rows}x{cols}")
+    grid = (rows // 2, cols // 2)
     ck_map, cv_map = centers(keys, grid), centers(values, grid)
     if literal:
         ck, cv = to_points(ck_map), to_points(cv_map)
