@@ -21,11 +21,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .build import build_datasets, build_model, freeze_similarity, infer_num_classes, load_pretrained, targets_are_dense
+from .build import build_datasets, build_model, freeze_similarity, infer_num_classes, load_pretrained
 from .config import BUILTIN_DATASETS, TrainConfig
 from .distributed import Dist, Shard, all_ok, amp_dtype_for, epoch_seed, init_distributed, print0, resolve_device, seed_all
 from .evaluation import FitResult, evaluate, output_classes
-from .metrics import Accuracy, MeanIoU, Metric, as_metric
+from .metrics import IGNORE_INDEX, Accuracy, MeanIoU, Metric, as_metric, is_per_pixel
 from .runfiles import (SaveError, atomic_save, atomic_write_text, checkpoint_bytes, load_model_state, prepare_output,
                        read_training_checkpoint, repair_best, warn_if_little_space)
 
@@ -42,7 +42,7 @@ class _Run:
     train_set: Any = None
     val_set: Any = None
     classes: Optional[Tuple[str, ...]] = None
-    dense: bool = False
+    per_pixel: bool = False  # per-pixel class maps as targets (segmentation)
     model: Optional[nn.Module] = None
     net: Optional[nn.Module] = None
     num_classes: Optional[int] = None
@@ -134,8 +134,8 @@ def _setup_data(run: _Run, train_set, val_set) -> None:
         raise ValueError(f"empty dataset: {len(train_set)} training and {len(val_set)} validation samples")
     run.train_set, run.val_set = train_set, val_set
     run.classes = tuple(getattr(train_set, "classes", ()) or ()) or None
-    run.dense = targets_are_dense(train_set)
-    if run.classes is not None and len(run.classes) == 1 and not run.dense:
+    run.per_pixel = is_per_pixel(train_set[0][1])
+    if run.classes is not None and len(run.classes) == 1 and not run.per_pixel:
         warnings.warn(f"the training data has a single class ({run.classes[0]!r}): every prediction is right, the "
                       f"loss goes to 0 and the accuracy is 1.0 whatever the model learns; an image folder "
                       f"needs one subfolder per class", stacklevel=3)
@@ -159,7 +159,7 @@ def _setup_model(run: _Run, model: Optional[nn.Module]) -> None:
     elif cfg.pretrained:
         load_pretrained(model, cfg.pretrained)
     model_classes = getattr(model, "num_classes", None)
-    if not run.dense and classes and model_classes and model_classes != len(classes):
+    if not run.per_pixel and classes and model_classes and model_classes != len(classes):
         raise ValueError(f"the model has {model_classes} outputs but the dataset has {len(classes)} classes; "
                          f"call model.reset_classifier({len(classes)}) or set num_classes")
     if cfg.freeze_similarity:
@@ -177,8 +177,8 @@ def _setup_loss_and_metric(run: _Run, loss_fn: Optional[Callable], metric) -> No
         run.train_loss = run.val_loss = loss_fn
     else:
         from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-        if run.dense:
-            run.train_loss = run.val_loss = nn.CrossEntropyLoss(ignore_index=255, label_smoothing=0.0)
+        if run.per_pixel:
+            run.train_loss = run.val_loss = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX, label_smoothing=0.0)
         elif (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.augment:
             from timm.data import Mixup
             if cfg.batch_size % 2:
@@ -191,7 +191,7 @@ def _setup_loss_and_metric(run: _Run, loss_fn: Optional[Callable], metric) -> No
         else:
             run.train_loss = run.val_loss = nn.CrossEntropyLoss()
     metric = as_metric(metric)
-    if metric is None and run.dense:
+    if metric is None and run.per_pixel:
         x = run.train_set[0][0][None].to(run.device)
         metric = MeanIoU(run.num_classes or output_classes(run.model, x))
     elif metric is None:
