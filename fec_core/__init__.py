@@ -10,7 +10,7 @@
 * :mod:`fec_core.seg`: Semantic FPN head, segmentation on ``shapes``, a torchvision detection backbone.
 * :mod:`fec_core.kernels` / :mod:`fec_core.bench`: the Triton kernel (optional) and the benchmark.
 * :mod:`fec_core.numerics`: the numerical contract of the argmax (tolerances, checks).
-* :mod:`fec_core.profile`: parameter and MAC counting. (The book's build tooling is
+* :mod:`fec_core.costs`: parameter and MAC counting (not ``profile``: the standard library has one). (The book's build tooling is
   ``scripts/bookbuild.py`` in the repository, not part of the package.)
 
 Importing ``fec_core`` registers the variants with timm.

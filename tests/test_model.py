@@ -5,7 +5,7 @@ import torch
 
 import fec_core
 from fec_core import FEC
-from fec_core.profile import count_macs
+from fec_core.costs import count_macs
 
 TINY = dict(layers=(1, 1, 1, 1), embed_dims=(8, 16, 24, 32), mlp_ratios=(2, 2, 2, 2), heads=(2, 2, 2, 2),
             head_dim=(4, 4, 4, 4), proposal=(2, 2, 2, 1))
