@@ -323,6 +323,8 @@ def pool_key_centers(model: FEC, x: torch.Tensor, stage: int = -1) -> torch.Tens
     if not -len(pools) <= idx < len(pools):
         raise ValueError(f"stage {stage}: the pooling layers are in stages 1..{len(pools)}")
     layer, seen = pools[idx], []
+    # the layer's own input: the previous stage's raw output (forward_intermediates gives it
+    # normalized when the model is dense)
     handle = layer.register_forward_hook(lambda m, i, o: seen.append(i[0]))
     try:
         model.check_input(x)

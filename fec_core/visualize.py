@@ -151,8 +151,8 @@ def plot_layers(image, maps: Sequence[LayerMap], regions=None, index: int = 0, c
         if color == "palette":
             lab = lab if prev is None else match_labels(lab, prev)
             prev = lab
-        dense = lab.size / max(len(np.unique(lab)), 1) < min_edge_area  # tiny clusters: edges would hide the image
-        panels.append((paint(image, lab, color=color, edges=edges and not dense), m.title))
+        crowded = lab.size / max(len(np.unique(lab)), 1) < min_edge_area  # tiny clusters: edges would hide the image
+        panels.append((paint(image, lab, color=color, edges=edges and not crowded), m.title))
     if regions is not None:
         reg = _np(regions[index])
         k = int(reg.max()) + 1

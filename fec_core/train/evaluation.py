@@ -79,12 +79,12 @@ def evaluate(model: nn.Module, data, loss_fn: Optional[Callable] = None, metric=
             if metric is None:
                 metric = MeanIoU(output_classes(model, x)) if per_pixel else Accuracy()
         with autocast:
-            out = model(x)
-            loss = loss_fn(out, y)
-        out = out.float()
+            output = model(x)
+            loss = loss_fn(output, y)
+        output = output.float()
         loss_sum += loss.detach().double() * len(x)
         count += len(x)
-        metric.update(out, y)
+        metric.update(output, y)
     if metric is None:
         raise ValueError("the evaluation data yielded no batches")
     if dist.is_available() and dist.is_initialized():
