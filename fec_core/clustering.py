@@ -42,14 +42,15 @@ height; points are numbered row-major, ``n = row * H + col``. Where other module
 ``[B, C, H, W]`` (PyTorch's usual letters), ``H`` is the rows: the same axes, other
 letters. The book's notation page states this once.
 """
-import os
 from typing import Tuple
 
 import torch
 import torch.fx
 import torch.nn.functional as F
 
+from . import config as _config
 from . import kernels as _kernels
+from .config import HAS_TORCH_SCATTER, scatter_backend, set_scatter_backend  # re-exported
 
 __all__ = [
     "centers", "similarity", "unit", "gate", "assign", "assign_nearest", "one_hot",
@@ -58,32 +59,10 @@ __all__ = [
     "scatter_backend", "set_scatter_backend", "HAS_TORCH_SCATTER",
 ]
 
-try:  # optional backend, detected at import
+if HAS_TORCH_SCATTER:  # the optional backend (fec_core.config chooses)
     from torch_scatter import scatter_sum as _ts_scatter_sum  # type: ignore
-    HAS_TORCH_SCATTER = True
-except Exception:  # pragma: no cover - depends on the environment
+else:  # pragma: no cover - depends on the environment
     _ts_scatter_sum = None
-    HAS_TORCH_SCATTER = False
-
-_BACKEND = os.environ.get("FEC_SCATTER_BACKEND", "torch")
-if _BACKEND not in ("torch", "torch_scatter") or (_BACKEND == "torch_scatter" and not HAS_TORCH_SCATTER):
-    _BACKEND = "torch"
-
-
-def scatter_backend() -> str:
-    """Name of the backend used by :func:`aggregate`: ``'torch'`` or ``'torch_scatter'``."""
-    return _BACKEND
-
-
-def set_scatter_backend(name: str) -> None:
-    """Choose the scatter backend: ``'torch'`` (native ``index_add_``, the default)
-    or ``'torch_scatter'`` (needs the optional ``torch-scatter`` package)."""
-    global _BACKEND
-    if name not in ("torch", "torch_scatter"):
-        raise ValueError(f"unknown scatter backend {name!r}; use 'torch' or 'torch_scatter'")
-    if name == "torch_scatter" and not HAS_TORCH_SCATTER:
-        raise ImportError("torch-scatter is not installed: pip install 'fec-core[scatter]'")
-    _BACKEND = name
 
 
 # --------------------------------------------------------------------------- layout
@@ -321,7 +300,7 @@ def aggregate(values: torch.Tensor, center_values: torch.Tensor, index: torch.Te
     rows = index.unsqueeze(1).expand(-1, d, -1)  # [B, D, N]: the cluster of every value
     if torch.jit.is_scripting():  # TorchScript: the native scatter
         sums = src.new_zeros(b, d, m).scatter_add_(2, rows, src)
-    elif _BACKEND == "torch_scatter":
+    elif _config.scatter_backend() == "torch_scatter":
         sums = _ts_scatter_sum(src, rows, dim=2, dim_size=m)
     else:
         sums = src.new_zeros(b, d, m).scatter_add_(2, rows, src)
