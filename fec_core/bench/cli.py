@@ -36,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
                         "(needs --official). Default: literal fast, and official with --official")
     p.add_argument("--official", default=None, metavar="FILE",
                    help="a copy of the official models/fec.py (github guikunchen/FEC): time it too")
+    p.add_argument("--compare", nargs="+", default=[], metavar="MODEL",
+                   help="timm models to time in the same run and setting as yardsticks "
+                        "(e.g. deit_tiny_patch16_224 poolformer_s12)")
     p.add_argument("--iters", type=int, default=None, help="timed iterations per path (default 5 CPU, 20 CUDA)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up iterations per path (default 1 CPU, 5 CUDA)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
@@ -123,7 +126,8 @@ def run_cli(argv: Optional[List[str]] = None) -> dict:
         warmup=args.warmup if args.warmup is not None else (5 if gpu else 1),
         dense=args.dense,
         max_dense_gib=args.max_dense_gib if args.max_dense_gib is not None else (40.0 if gpu else 4.0),
-        memory=not args.no_memory, seed=args.seed, official=args.official, profile=args.profile)
+        memory=not args.no_memory, seed=args.seed, official=args.official, profile=args.profile,
+        references=list(args.compare))
     device = check_config(cfg)  # a clear error before the device name or any model
     _check_out_dir(args.out_dir)
     print(f"device: {device_name(device)}", flush=True)

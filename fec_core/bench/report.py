@@ -103,6 +103,7 @@ def plot(report: dict, path: Optional[str] = None):
 
     res = report["results"]
     paths = [p for p in PATHS if any(r["path"] == p for r in res)]
+    paths += sorted({r["path"] for r in res} - set(PATHS))  # timm:<name> yardsticks
     keys = []
     for r in res:
         if _key(r) not in keys:

@@ -20,7 +20,8 @@ MODES = ("infer", "train")
 class BenchConfig:
     """What to measure. ``paths``: ``literal``, ``fast`` and optionally ``compiled``
     (the fast path under ``torch.compile``) and ``official`` (the official code from
-    the file ``official``, with the same weights)."""
+    the file ``official``, with the same weights). ``references``: timm models timed in
+    the same run and setting as yardsticks (reported as paths ``timm:<name>``)."""
 
     model: str = "fec_small"
     device: str = "cpu"
@@ -37,6 +38,7 @@ class BenchConfig:
     seed: int = 0
     official: Optional[str] = None
     profile: bool = False
+    references: List[str] = field(default_factory=list)  # timm models timed as yardsticks
 
 
 @dataclass
@@ -99,6 +101,11 @@ def check_config(cfg: BenchConfig) -> torch.device:
     import fec_core  # noqa: F401  (registers the models)
     if cfg.model not in timm.list_models("fec_*"):
         raise ValueError(f"model {cfg.model!r} is not an FEC variant; choose one of {timm.list_models('fec_*')}")
+    for name in cfg.references:
+        if not timm.is_model(name):
+            raise ValueError(f"--compare {name}: not a timm model name (e.g. deit_tiny_patch16_224, poolformer_s12)")
+    if cfg.references and cfg.dense:
+        raise ValueError("--compare times classifiers: it cannot be combined with --dense")
     total = _device_memory(device)
     for b in cfg.batch_sizes:
         for r in cfg.resolutions:
