@@ -1,17 +1,20 @@
 """fec_core: FEC (feature extraction with clustering, CVPR 2024) as a small, tested library.
 
 * :mod:`fec_core.clustering`: the equations, one function per concept.
+* :mod:`fec_core.config`: the backend switches (scatter backend, Triton kernel mode).
+* :mod:`fec_core.numerics`: the numerical contract of the argmax (tolerances, checks).
 * :mod:`fec_core.layers`: stem, clustering encode / pool layers, blocks.
 * :mod:`fec_core.model`: the backbone, ``fec_small`` / ``fec_base`` / ``fec_large`` (timm models).
 * :mod:`fec_core.checkpoint`: loading released official checkpoints.
 * :mod:`fec_core.data`: offline data (the bundled photograph, ``digits``, ``shapes``, image folders).
 * :mod:`fec_core.train`: the training loop (``python -m fec_core.train``), DDP through torchrun.
-* :mod:`fec_core.interpret` / :mod:`fec_core.visualize`: cluster maps traced to pixels, figures, CLI.
+* :mod:`fec_core.interpret` / :mod:`fec_core.visualize`: cluster maps traced to pixels, figures, CLI;
+  :mod:`fec_core.foreground`: unsupervised foreground segmentation and its baselines.
 * :mod:`fec_core.seg`: Semantic FPN head, segmentation on ``shapes``, a torchvision detection backbone.
 * :mod:`fec_core.kernels` / :mod:`fec_core.bench`: the Triton kernel (optional) and the benchmark.
-* :mod:`fec_core.numerics`: the numerical contract of the argmax (tolerances, checks).
-* :mod:`fec_core.profile`: parameter and MAC counting. (The book's build tooling is
-  ``scripts/bookbuild.py`` in the repository, not part of the package.)
+* :mod:`fec_core.costs`: parameter and MAC counting. :mod:`fec_core.figures`: light figures.
+
+The book's build tooling is ``scripts/bookbuild.py`` in the repository, not part of the package.
 
 Importing ``fec_core`` registers the variants with timm.
 """

@@ -27,8 +27,9 @@ the math with dense tensors, and a *fast* path (the default) that never builds
 the dense ``[B, M, N]`` mask nor the ``[B, M, N, D]`` dispatch product, and, for
 pooling, never the ``[B, N/4, N]`` similarity. Tests check that both paths give
 the same numbers and gradients. Chapter 12 (performance) explains the fast path's
-internals: the layer functions keep channels first (``[B, D, N]``) so that the
-scatter and the gather read and write contiguous rows and the output needs no
+internals: the layer functions call :func:`aggregate` and :func:`dispatch` with
+``channels_first=True`` (``[B, D, N]``, the layout the 1x1 convolutions produce) so that
+the scatter and the gather read and write contiguous rows and the output needs no
 transpose copy, and the pooling assignment runs over tiles with a running maximum
 (:func:`assign_nearest`; on CUDA a fused Triton kernel, :mod:`fec_core.kernels`),
 so that its memory grows linearly with the number of pixels.
@@ -41,82 +42,56 @@ height; points are numbered row-major, ``n = row * H + col``. Where other module
 ``[B, C, H, W]`` (PyTorch's usual letters), ``H`` is the rows: the same axes, other
 letters. The book's notation page states this once.
 """
-import os
 from typing import Tuple
 
 import torch
 import torch.fx
 import torch.nn.functional as F
 
+from . import config as _config
 from . import kernels as _kernels
+from .config import HAS_TORCH_SCATTER, scatter_backend, set_scatter_backend  # re-exported
 
 __all__ = [
-    "centers", "similarity", "gate", "assign", "assign_nearest", "one_hot",
+    "centers", "similarity", "unit", "gate", "assign", "assign_nearest", "one_hot",
     "aggregate", "aggregate_dense", "dispatch", "dispatch_dense",
     "cluster_encode", "cluster_pool", "fold", "unfold", "to_points",
     "scatter_backend", "set_scatter_backend", "HAS_TORCH_SCATTER",
 ]
 
-try:  # optional backend, detected at import
+if HAS_TORCH_SCATTER:  # the optional backend (fec_core.config chooses)
     from torch_scatter import scatter_sum as _ts_scatter_sum  # type: ignore
-    HAS_TORCH_SCATTER = True
-except Exception:  # pragma: no cover - depends on the environment
+else:  # pragma: no cover - depends on the environment
     _ts_scatter_sum = None
-    HAS_TORCH_SCATTER = False
-
-_BACKEND = os.environ.get("FEC_SCATTER_BACKEND", "torch")
-if _BACKEND not in ("torch", "torch_scatter") or (_BACKEND == "torch_scatter" and not HAS_TORCH_SCATTER):
-    _BACKEND = "torch"
-
-
-def scatter_backend() -> str:
-    """Name of the backend used by :func:`aggregate`: ``'torch'`` or ``'torch_scatter'``."""
-    return _BACKEND
-
-
-def set_scatter_backend(name: str) -> None:
-    """Choose the scatter backend: ``'torch'`` (native ``index_add_``, the default)
-    or ``'torch_scatter'`` (needs the optional ``torch-scatter`` package)."""
-    global _BACKEND
-    if name not in ("torch", "torch_scatter"):
-        raise ValueError(f"unknown scatter backend {name!r}; use 'torch' or 'torch_scatter'")
-    if name == "torch_scatter" and not HAS_TORCH_SCATTER:
-        raise ImportError("torch-scatter is not installed: pip install 'fec-core[scatter]'")
-    _BACKEND = name
-
-
-def _scatter_sum(src: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
-    """Sum rows of ``src`` [K, D] into ``size`` rows by ``index`` [K]."""
-    if _BACKEND == "torch_scatter":
-        return _ts_scatter_sum(src, index, dim=0, dim_size=size)
-    out = src.new_zeros(size, src.shape[-1])
-    return out.index_add_(0, index, src)
 
 
 # --------------------------------------------------------------------------- layout
 def fold(x: torch.Tensor, fold_w: int, fold_h: int) -> torch.Tensor:
     """Region folding: split ``[B, C, W, H]`` into ``fold_w x fold_h`` regions,
-    ``[B * fold_w * fold_h, C, W / fold_w, H / fold_h]`` (region index row-major).
+    ``[B * fold_w * fold_h, C, W / fold_w, H / fold_h]`` (region index row-major):
+    ``fold_w`` regions down the rows (``W``, the first spatial axis, as in the official
+    code) and ``fold_h`` across the columns.
 
     Clustering then happens inside each region (chapter 5). The sizes must divide.
     """
     if fold_w == 1 and fold_h == 1:
         return x
-    b, c, w, h = x.shape
-    if w % fold_w or h % fold_h:
-        raise ValueError(f"feature map {w}x{h} cannot be folded into {fold_w}x{fold_h} regions")
-    x = x.reshape(b, c, fold_w, w // fold_w, fold_h, h // fold_h)
-    return x.permute(0, 2, 4, 1, 3, 5).reshape(b * fold_w * fold_h, c, w // fold_w, h // fold_h)
+    b, c, rows, cols = x.shape
+    if rows % fold_w or cols % fold_h:
+        raise ValueError(f"feature map {rows}x{cols} cannot be folded into {fold_w}x{fold_h} regions")
+    x = x.reshape(b, c, fold_w, rows // fold_w, fold_h, cols // fold_h)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(b * fold_w * fold_h, c, rows // fold_w, cols // fold_h)
 
 
 def unfold(x: torch.Tensor, fold_w: int, fold_h: int) -> torch.Tensor:
-    """Inverse of :func:`fold`: ``[B * fw * fh, C, w, h]`` -> ``[B, C, fw * w, fh * h]``."""
+    """Inverse of :func:`fold`: ``[B * fold_w * fold_h, C, rows, cols]`` (one region each)
+    -> ``[B, C, fold_w * rows, fold_h * cols]``."""
     if fold_w == 1 and fold_h == 1:
         return x
-    bf, c, w, h = x.shape
+    bf, c, rows, cols = x.shape  # one region's rows and columns
     b = bf // (fold_w * fold_h)
-    x = x.reshape(b, fold_w, fold_h, c, w, h).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, c, fold_w * w, fold_h * h)
+    x = x.reshape(b, fold_w, fold_h, c, rows, cols).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c, fold_w * rows, fold_h * cols)
 
 
 def to_points(x: torch.Tensor) -> torch.Tensor:
@@ -133,11 +108,11 @@ def centers(x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
     kernels); otherwise PyTorch's adaptive pooling, whose windows may overlap.
     """
     gw, gh = grid
-    w, h = x.shape[-2:]
-    if w % gw == 0 and h % gh == 0:
-        if (w, h) == (gw, gh):
+    rows, cols = x.shape[-2:]
+    if rows % gw == 0 and cols % gh == 0:
+        if (rows, cols) == (gw, gh):
             return x
-        return F.avg_pool2d(x, (w // gw, h // gh))
+        return F.avg_pool2d(x, (rows // gw, cols // gh))
     return F.adaptive_avg_pool2d(x, (gw, gh))
 
 
@@ -148,9 +123,20 @@ def similarity(center_keys: torch.Tensor, point_keys: torch.Tensor) -> torch.Ten
     ``center_keys`` [B, M, C], ``point_keys`` [B, N, C] -> ``cos`` [B, M, N],
     ``cos[b, m, n] = <k_m, k_n> / (|k_m| |k_n|)`` (norms clamped at 1e-12).
     """
-    c = F.normalize(center_keys, dim=-1)
-    p = F.normalize(point_keys, dim=-1)
-    return torch.matmul(c, p.transpose(-2, -1))
+    return torch.matmul(unit(center_keys), unit(point_keys).transpose(-2, -1))
+
+
+def unit(x: torch.Tensor) -> torch.Tensor:
+    """``x / max(|x|, 1e-12)`` along the last axis: the unit vectors of the cosine (Eq. 5),
+    ``F.normalize(x, dim=-1)`` up to rounding.
+
+    The norm is ``sqrt(sum(x * x))``, summed in float32 for half and bfloat16 inputs: on a
+    CPU, ``torch.linalg.vector_norm`` (inside ``F.normalize``) is up to 30 times slower when,
+    as here, the channels are the strided axis of a channels-first map (chapter 12).
+    """
+    xf = x.float() if x.dtype == torch.float16 or x.dtype == torch.bfloat16 else x
+    norm = xf.mul(xf).sum(dim=-1, keepdim=True).sqrt().clamp_min(1e-12)
+    return x / norm.to(x.dtype)
 
 
 def gate(cos: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
@@ -192,9 +178,7 @@ def assign_nearest(center_keys: torch.Tensor, point_keys: torch.Tensor,
         _check_assign_inputs(center_keys, point_keys, max_elements)
     with torch.no_grad():
         # Normalized exactly as similarity() does, so both paths compare the same numbers.
-        c = F.normalize(center_keys, dim=-1)
-        p = F.normalize(point_keys, dim=-1)
-        return _cosine_argmax(c, p, max_elements)
+        return _cosine_argmax(unit(center_keys), unit(point_keys), max_elements)
 
 
 @torch.jit.unused
@@ -291,21 +275,39 @@ def one_hot(index: torch.Tensor, num_centers: int, dtype: torch.dtype = torch.fl
 
 
 # --------------------------------------------------------------------------- Eq. 6
-def aggregate(values: torch.Tensor, center_values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def aggregate(values: torch.Tensor, center_values: torch.Tensor, index: torch.Tensor,
+              channels_first: bool = False) -> torch.Tensor:
     """Aggregation (Eq. 6, chapter 6), scatter form.
 
     ``values`` [B, N, D], ``center_values`` [B, M, D], ``index`` [B, N] ->
     representatives [B, M, D], ``r_m = (c_m + sum_{n: index_n = m} v_n) / (1 + |m|)``.
     The center value counts as one member, so an empty cluster keeps its center.
-    Uses a scatter-add (native ``index_add_`` or ``torch_scatter``), no dense mask.
+    One scatter-add of the values into their clusters (native ``scatter_add_`` or
+    ``torch_scatter``), one of ones for the sizes: no dense mask.
+
+    ``channels_first=True`` is the layout the model runs (chapter 12): ``values``
+    [B, D, N], ``center_values`` [B, D, M] -> [B, D, M]. The key and value maps come out of
+    1x1 convolutions as [B, D, W, H], so [B, D, N] is a free view and the scatter writes
+    contiguous rows. Points-first inputs are handled as transposed views of the same
+    computation. Half and bfloat16 values are summed in float32 (as a matrix product
+    would accumulate them) and returned in their own type.
     """
-    b, m, d = center_values.shape
-    n = values.shape[1]
-    flat = (index + torch.arange(b, device=index.device).unsqueeze(1) * m).reshape(-1)
-    sums = _scatter_sum(values.reshape(b * n, d), flat, b * m).reshape(b, m, d)
-    counts = torch.zeros(b * m, device=values.device, dtype=values.dtype)
-    counts = counts.index_add_(0, flat, torch.ones_like(flat, dtype=values.dtype)).reshape(b, m, 1)
-    return (sums + center_values) / (counts + 1.0)
+    if not channels_first:  # [B, N, D] as a [B, D, N] view
+        values, center_values = values.transpose(1, 2), center_values.transpose(1, 2)
+    b, d, m = center_values.shape
+    half = values.dtype == torch.float16 or values.dtype == torch.bfloat16
+    src = values.float() if half else values
+    rows = index.unsqueeze(1).expand(-1, d, -1)  # [B, D, N]: the cluster of every value
+    if torch.jit.is_scripting():  # TorchScript: the native scatter
+        sums = src.new_zeros(b, d, m).scatter_add_(2, rows, src)
+    elif _config.scatter_backend() == "torch_scatter":
+        sums = _ts_scatter_sum(src, rows, dim=2, dim_size=m)
+    else:
+        sums = src.new_zeros(b, d, m).scatter_add_(2, rows, src)
+    counts = src.new_zeros(b, m).scatter_add_(1, index, src.new_ones([1]).expand(index.shape))
+    reps = (sums + center_values) / (counts.unsqueeze(1) + 1.0)
+    reps = reps.to(values.dtype) if half else reps
+    return reps if channels_first else reps.transpose(1, 2)
 
 
 def aggregate_dense(values: torch.Tensor, center_values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -315,15 +317,23 @@ def aggregate_dense(values: torch.Tensor, center_values: torch.Tensor, mask: tor
 
 
 # --------------------------------------------------------------------------- Eq. 7
-def dispatch(representatives: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def dispatch(representatives: torch.Tensor, index: torch.Tensor, weight: torch.Tensor,
+             channels_first: bool = False) -> torch.Tensor:
     """Dispatch (Eq. 7, chapter 7), gather form.
 
     ``representatives`` [B, M, D], ``index`` [B, N], ``weight`` [B, N] (the winning
     gate value) -> [B, N, D], ``out_n = weight_n * r_{index_n}``.
+    ``channels_first=True`` (the model's layout, chapter 12): ``representatives``
+    [B, D, M] -> [B, D, N], already the layout of the next 1x1 convolution. The same
+    gather along the other axis.
     """
-    d = representatives.shape[-1]
-    picked = torch.gather(representatives, 1, index.unsqueeze(-1).expand(-1, -1, d))
-    return picked * weight.unsqueeze(-1)
+    if not channels_first:  # [B, M, D] -> [B, N, D]
+        d = representatives.shape[-1]
+        picked = torch.gather(representatives, 1, index.unsqueeze(-1).expand(-1, -1, d))
+        return picked * weight.unsqueeze(-1)
+    d = representatives.shape[1]
+    picked = torch.gather(representatives, 2, index.unsqueeze(1).expand(-1, d, -1))
+    return picked * weight.unsqueeze(1)
 
 
 def dispatch_dense(representatives: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -337,46 +347,6 @@ def dispatch_dense(representatives: torch.Tensor, weights: torch.Tensor) -> torc
     reaches every point) and assigns by the raw cosine rather than by the gate. Chapter 7
     compares the three side by side."""
     return (representatives.unsqueeze(2) * weights.unsqueeze(-1)).sum(dim=1)
-
-
-# --------------------------------------------------------------------------- fast path internals
-# The layer functions below keep channels first: the key and value maps arrive as
-# [B, D, W, H] (contiguous from the 1x1 convolutions), so [B, D, N] is a free view.
-# Scattering and gathering along the last axis of [B, D, N] reads and writes
-# contiguous rows, and the dispatched output is already in the layout the next
-# convolution wants (no transpose copy). Public aggregate() / dispatch() keep the
-# points-first [B, N, D] form of the book's chapters 6 and 7.
-
-def _aggregate_cf(values: torch.Tensor, center_values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Aggregation (Eq. 6), channels first: ``values`` [B, D, N], ``center_values`` [B, D, M],
-    ``index`` [B, N] -> representatives [B, D, M], ``(c_m + sum_{n in m} v_n) / (1 + |m|)``.
-
-    Same numbers as :func:`aggregate` (to float rounding); one scatter-add along ``N``
-    for the sums and one for the counts, no ``[B, M, N]`` mask, no transpose copy.
-    Half and bfloat16 values are summed in float32 (as a matmul would accumulate them)
-    and the result is returned in the values' type.
-    """
-    b, d, m = center_values.shape
-    half = values.dtype == torch.float16 or values.dtype == torch.bfloat16
-    src = values.float() if half else values
-    rows = index.unsqueeze(1).expand(-1, d, -1)  # [B, D, N]: the cluster of every value
-    if torch.jit.is_scripting():  # TorchScript: the native scatter
-        sums = src.new_zeros(b, d, m).scatter_add_(2, rows, src)
-    elif _BACKEND == "torch_scatter":
-        sums = _ts_scatter_sum(src, rows, dim=2, dim_size=m)
-    else:
-        sums = src.new_zeros(b, d, m).scatter_add_(2, rows, src)
-    counts = src.new_zeros(b, m).scatter_add_(1, index, src.new_ones([1]).expand(index.shape))
-    reps = (sums + center_values) / (counts.unsqueeze(1) + 1.0)
-    return reps.to(values.dtype) if half else reps
-
-
-def _dispatch_cf(representatives: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Dispatch (Eq. 7), channels first: ``representatives`` [B, D, M], ``index`` [B, N],
-    ``weight`` [B, N] -> [B, D, N], ``out[:, n] = weight_n * r_{index_n}`` (a gather)."""
-    d = representatives.shape[1]
-    picked = torch.gather(representatives, 2, index.unsqueeze(1).expand(-1, d, -1))
-    return picked * weight.unsqueeze(1)
 
 
 # --------------------------------------------------------------------------- layers
@@ -399,8 +369,8 @@ def cluster_encode(keys: torch.Tensor, values: torch.Tensor, alpha: torch.Tensor
         reps = aggregate_dense(pv, cv, mask)
         return dispatch_dense(reps, scores * mask), index
     # fast path, channels first: [B, D, N] views, no mask, no [B, M, N, D] product
-    reps = _aggregate_cf(values.flatten(2), cv_map.flatten(2), index)  # [B, D, M]
-    out = _dispatch_cf(reps, index, best)  # [B, D, N]
+    reps = aggregate(values.flatten(2), cv_map.flatten(2), index, channels_first=True)  # [B, D, M]
+    out = dispatch(reps, index, best, channels_first=True)  # [B, D, N]
     return out.transpose(1, 2), index  # [B, N, D] view of a channels-first tensor
 
 
@@ -416,10 +386,10 @@ def cluster_pool(keys: torch.Tensor, values: torch.Tensor, literal: bool = False
     grows linearly with ``N`` (its compute stays quadratic: every point is compared
     with every center of its region).
     """
-    b, _, w, h = keys.shape
-    if w % 2 or h % 2:
-        raise ValueError(f"cluster pooling needs an even feature map, got {w}x{h}")
-    grid = (w // 2, h // 2)
+    b, _, rows, cols = keys.shape
+    if rows % 2 or cols % 2:
+        raise ValueError(f"cluster pooling needs an even feature map, got {rows}x{cols}")
+    grid = (rows // 2, cols // 2)
     ck_map, cv_map = centers(keys, grid), centers(values, grid)
     if literal:
         ck, cv = to_points(ck_map), to_points(cv_map)
@@ -428,7 +398,7 @@ def cluster_pool(keys: torch.Tensor, values: torch.Tensor, literal: bool = False
         reps = aggregate_dense(pv, cv, one_hot(index, ck.shape[1], pv.dtype))
         return reps.transpose(1, 2).reshape(b, -1, grid[0], grid[1]), index
     index = assign_nearest(to_points(ck_map), to_points(keys))
-    reps = _aggregate_cf(values.flatten(2), cv_map.flatten(2), index)  # [B, D, M], channels first
+    reps = aggregate(values.flatten(2), cv_map.flatten(2), index, channels_first=True)  # [B, D, M]
     return reps.reshape(b, -1, grid[0], grid[1]), index
 
 

@@ -10,7 +10,8 @@ per point stay in registers. Nothing quadratic is ever written to memory.
 The kernel is used on CUDA tensors when Triton is installed (``mode()`` is
 ``'auto'``, the default). Everywhere else :func:`fec_core.clustering.assign_nearest`
 uses its plain PyTorch tiles, which give the same indices. The environment variable
-``FEC_KERNELS`` (``auto``, ``off``, ``on``) or :func:`set_mode` chooses; ``on``
+``FEC_KERNELS`` (``auto``, ``off``, ``on``) or :func:`set_mode` chooses (both live in
+:mod:`fec_core.config`); ``on``
 also runs the kernel on CPU tensors, which only works in Triton's interpreter
 (``TRITON_INTERPRET=1`` set before Python starts): that is how the tests check the
 kernel on a machine without a GPU.
@@ -26,51 +27,24 @@ inputs are not handled (keys are normalized with a clamped norm, so none arise).
 """
 from __future__ import annotations
 
-import os
-
 import torch
+
+from .config import HAS_TRITON, INTERPRET  # re-exported
+from .config import kernel_mode as mode, set_kernel_mode as set_mode  # re-exported
 
 __all__ = ["HAS_TRITON", "INTERPRET", "mode", "set_mode", "use_kernel", "cosine_argmax",
            "cosine_argmax_reference"]
 
-try:  # optional: Triton ships with CUDA builds of PyTorch
+if HAS_TRITON:  # fec_core.config detected it
     import triton
     import triton.language as tl
-    HAS_TRITON = True
-except Exception:  # pragma: no cover - depends on the environment
-    triton = tl = None
-    HAS_TRITON = False
-
-#: True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``).
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-_MODE = os.environ.get("FEC_KERNELS", "auto")
-if _MODE not in ("auto", "off", "on"):
-    _MODE = "auto"
-
-
-def mode() -> str:
-    """When the Triton kernel is used: ``'auto'`` (CUDA tensors), ``'off'``, ``'on'`` (also CPU)."""
-    return _MODE
-
-
-def set_mode(name: str) -> None:
-    """Choose when :func:`fec_core.clustering.assign_nearest` uses the Triton kernel:
-    ``'auto'`` (on CUDA tensors when Triton is installed), ``'off'`` (never), or
-    ``'on'`` (also on CPU tensors: needs Triton's interpreter, ``TRITON_INTERPRET=1``)."""
-    global _MODE
-    if name not in ("auto", "off", "on"):
-        raise ValueError(f"unknown kernel mode {name!r}; use 'auto', 'off' or 'on'")
-    if name == "on" and not HAS_TRITON:
-        raise ImportError("Triton is not installed: pip install triton")
-    _MODE = name
 
 
 def use_kernel(c: torch.Tensor, p: torch.Tensor) -> bool:
     """Whether :func:`cosine_argmax` will serve these inputs under the current mode."""
-    if not HAS_TRITON or _MODE == "off" or c.dtype not in _DTYPES or p.dtype != c.dtype:
+    if not HAS_TRITON or mode() == "off" or c.dtype not in _DTYPES or p.dtype != c.dtype:
         return False
-    if _MODE == "on":
+    if mode() == "on":
         return c.is_cuda or INTERPRET
     return c.is_cuda and p.is_cuda and not INTERPRET
 

@@ -11,6 +11,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.fx
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 
 from . import clustering as cl
@@ -54,16 +55,16 @@ class Stem(nn.Module):
         return self.proj(torch.cat([x, point_coordinates(x)], dim=1))
 
 
-def _check_fold(name: str, w: int, h: int, fold: Tuple[int, int], step: int) -> None:
-    """Raise a clear ``ValueError`` when a ``w x h`` map cannot be folded into ``fold`` regions
-    (of an even size when ``step == 2``, as pooling needs)."""
+def _check_fold(name: str, rows: int, cols: int, fold: Tuple[int, int], step: int) -> None:
+    """Raise a clear ``ValueError`` when a ``rows x cols`` map cannot be folded into ``fold``
+    regions (of an even size when ``step == 2``, as pooling needs)."""
     fw, fh = fold
-    if w % fw != 0 or h % fh != 0 or (w // fw) % step != 0 or (h // fh) % step != 0:
+    if rows % fw != 0 or cols % fh != 0 or (rows // fw) % step != 0 or (cols // fh) % step != 0:
         what = "regions of an even size" if step > 1 else "whole regions"
         hint = " times 2" if step > 1 else ""
         label = name if name != "" else "clustering layer"
         raise ValueError(
-            f"{label}: a {w}x{h} feature map cannot be split into "
+            f"{label}: a {rows}x{cols} feature map cannot be split into "
             f"fold {fw}x{fh} {what}; choose an input size whose feature map here is divisible "
             f"by the fold{hint}")
 
@@ -97,7 +98,9 @@ class ClusterEncode(_Recording, nn.Module):
     Per head and per fold region: ``proposal = (gw, gh)`` centers by pooling, gated
     cosine similarity, argmax, aggregation, dispatch; then a 1x1 projection.
     [B, dim, W, H] -> [B, dim, W, H]. With ``record = True`` the last assignment is
-    kept in ``last_index``, shape ``[B, heads, fold_w, fold_h, w, h]`` (``w = W / fold_w``).
+    kept in ``last_index``, shape ``[B, heads, fold_w, fold_h, rows, cols]`` (the rows and
+    columns of one region: ``rows = W / fold_w`` in the official code's letters, where ``W``
+    is the first spatial axis).
     """
 
     kind = "encode"
@@ -115,17 +118,17 @@ class ClusterEncode(_Recording, nn.Module):
         self.sim_beta = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, _, w, h = x.shape
-        _check_fold(self.name, w, h, self.fold, 1)
+        b, _, rows, cols = x.shape
+        _check_fold(self.name, rows, cols, self.fold, 1)
         e, fw, fh = self.heads, self.fold[0], self.fold[1]
-        keys = cl.fold(self.f(x).reshape(b * e, self.head_dim, w, h), fw, fh)
-        values = cl.fold(self.v(x).reshape(b * e, self.head_dim, w, h), fw, fh)
+        keys = cl.fold(self.f(x).reshape(b * e, self.head_dim, rows, cols), fw, fh)
+        values = cl.fold(self.v(x).reshape(b * e, self.head_dim, rows, cols), fw, fh)
         out, index = cl.cluster_encode(keys, values, self.sim_alpha, self.sim_beta, self.proposal, self.literal)
-        rw, rh = w // fw, h // fh
+        rr, rc = rows // fw, cols // fh  # one region's rows and columns
         if not torch.jit.is_scripting():
-            self._keep(index, [b, e, fw, fh, rw, rh])
-        out = cl.unfold(out.transpose(1, 2).reshape(b * e * fw * fh, self.head_dim, rw, rh), fw, fh)
-        return self.proj(out.reshape(b, e * self.head_dim, w, h))
+            self._keep(index, [b, e, fw, fh, rr, rc])
+        out = cl.unfold(out.transpose(1, 2).reshape(b * e * fw * fh, self.head_dim, rr, rc), fw, fh)
+        return self.proj(out.reshape(b, e * self.head_dim, rows, cols))
 
     def extra_repr(self) -> str:
         return f"heads={self.heads}, head_dim={self.head_dim}, proposal={self.proposal}, fold={self.fold}"
@@ -137,7 +140,8 @@ class ClusterPool(_Recording, nn.Module):
     N points -> N/4 representatives (2x2 center grid per region), plus a 3x3
     stride-2 convolution as skip connection, GroupNorm on the representatives.
     [B, in_dim, W, H] -> [B, out_dim, W/2, H/2]. ``conv_f`` only feeds the argmax and
-    therefore never receives a gradient. ``last_index``: ``[B, fold_w, fold_h, w, h]``.
+    therefore never receives a gradient. ``last_index``: ``[B, fold_w, fold_h, rows, cols]``
+    (one region's rows and columns).
     """
 
     kind = "pool"
@@ -152,14 +156,14 @@ class ClusterPool(_Recording, nn.Module):
         self.norm2 = GroupNorm1(out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, _, w, h = x.shape
-        _check_fold(self.name, w, h, self.fold, 2)
+        b, _, rows, cols = x.shape
+        _check_fold(self.name, rows, cols, self.fold, 2)
         fw, fh = self.fold[0], self.fold[1]
         identity = self.conv_skip(x)
         keys, values = cl.fold(self.conv_f(x), fw, fh), cl.fold(self.conv_v(x), fw, fh)
         reps, index = cl.cluster_pool(keys, values, self.literal)
         if not torch.jit.is_scripting():
-            self._keep(index, [b, fw, fh, w // fw, h // fh])
+            self._keep(index, [b, fw, fh, rows // fw, cols // fh])
         return identity + self.norm2(cl.unfold(reps, fw, fh))
 
     def extra_repr(self) -> str:
@@ -177,8 +181,10 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.drop(self.act(self.fc1(x.permute(0, 2, 3, 1))))
-        return self.drop(self.fc2(x)).permute(0, 3, 1, 2)
+        # fc1 / fc2 are nn.Linear (the checkpoints' keys and shapes), applied as 1x1
+        # convolutions to the channels-first map: no permuted copies (chapter 12)
+        x = self.drop(self.act(F.conv2d(x, self.fc1.weight[:, :, None, None], self.fc1.bias)))
+        return self.drop(F.conv2d(x, self.fc2.weight[:, :, None, None], self.fc2.bias))
 
 
 class ClusterBlock(nn.Module):

@@ -34,7 +34,8 @@ from timm.models._features import feature_take_indices
 
 from .layers import ClusterBlock, ClusterEncode, ClusterPool, GroupNorm1, Stem, init_weights
 
-__all__ = ["FEC", "ClusterRecord", "VARIANTS", "SETTINGS", "checkpoint_filter_fn", "official_name"]
+__all__ = ["FEC", "ClusterRecord", "VARIANTS", "SETTINGS", "checkpoint_filter_fn", "official_name",
+           "stage_and_block"]
 
 #: Architecture of the three released variants (official ``models/fec.py``).
 VARIANTS: Dict[str, dict] = {
@@ -99,6 +100,17 @@ class ClusterRecord:
         return self.grid[0] * self.grid[1]
 
 
+def stage_and_block(name: str) -> Tuple[int, Optional[int]]:
+    """Where a module of :class:`FEC` sits, from its name: ``stages.i.blocks.k...`` ->
+    ``(i, k)``, ``stages.i.downsample...`` (stage ``i``'s pooling layer) -> ``(i, None)``,
+    anything else (the stem, the head) -> ``(0, None)``."""
+    parts = name.split(".")
+    if parts[0] != "stages" or len(parts) < 2:
+        return 0, None
+    block = int(parts[3]) if len(parts) > 3 and parts[2] == "blocks" else None
+    return int(parts[1]), block
+
+
 def official_name(name: str) -> str:
     """Our module name -> the official one: ``stages.i.blocks.k`` -> ``network.{2i}.k``,
     ``stages.i.downsample`` -> ``network.{2i-1}``, ``stem`` -> ``patch_embed``, ``out_norms.i`` -> ``norm{2i}``."""
@@ -116,6 +128,15 @@ def official_name(name: str) -> str:
     return name
 
 
+def _check_head_args(num_classes, global_pool) -> None:
+    """``ValueError`` for a classifier size or pooling that cannot work (constructor and
+    :meth:`FEC.reset_classifier`)."""
+    if not isinstance(num_classes, numbers.Integral) or isinstance(num_classes, bool) or num_classes < 0:
+        raise ValueError(f"num_classes must be an int >= 0 (0: no classifier), got {num_classes!r}")
+    if global_pool not in ("avg", ""):
+        raise ValueError(f"global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
+
+
 def _check_args(layers, embed_dims, heads, head_dim, mlp_ratios, num_classes, in_chans, drop_rate,
                 drop_path_rate, global_pool) -> None:
     """``ValueError`` naming the argument for a constructor value that cannot work."""
@@ -126,15 +147,12 @@ def _check_args(layers, embed_dims, heads, head_dim, mlp_ratios, num_classes, in
             raise ValueError(f"{arg} must hold positive ints, got {tuple(val)}")
     if not all(isinstance(r, numbers.Real) and r > 0 for r in mlp_ratios):
         raise ValueError(f"mlp_ratios must be positive, got {tuple(mlp_ratios)}")
-    for arg, val in dict(num_classes=num_classes, in_chans=in_chans).items():
-        if not isinstance(val, numbers.Integral) or isinstance(val, bool) or val < (0 if arg == "num_classes" else 1):
-            allowed = "an int >= 0 (0: no classifier)" if arg == "num_classes" else "a positive int"
-            raise ValueError(f"{arg} must be {allowed}, got {val!r}")
+    _check_head_args(num_classes, global_pool)
+    if not isinstance(in_chans, numbers.Integral) or isinstance(in_chans, bool) or in_chans < 1:
+        raise ValueError(f"in_chans must be a positive int, got {in_chans!r}")
     for arg, val in dict(drop_rate=drop_rate, drop_path_rate=drop_path_rate).items():
         if not isinstance(val, numbers.Real) or not 0.0 <= val < 1.0:
             raise ValueError(f"{arg} must be in [0, 1), got {val!r}")
-    if global_pool not in ("avg", ""):
-        raise ValueError(f"global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
 
 
 class FECStage(nn.Module):
@@ -171,7 +189,7 @@ class FEC(nn.Module):
                  head_dim: Sequence[int] = (24, 24, 24, 24), proposal: Sequence[PairOrInt] = (4, 4, 2, 2),
                  fold: Sequence[PairOrInt] = (1, 1, 1, 1), num_classes: int = 1000, in_chans: int = 3,
                  drop_rate: float = 0.0, drop_path_rate: float = 0.0, layer_scale_init_value: float = 1e-5,
-                 dense: bool = False, literal: bool = False, global_pool: str = "avg", setting: str = "cls"):
+                 dense: bool = False, literal: bool = False, global_pool: str = "avg"):
         super().__init__()
         n = len(layers)
         for arg, val in dict(embed_dims=embed_dims, mlp_ratios=mlp_ratios, heads=heads, head_dim=head_dim,
@@ -184,7 +202,6 @@ class FEC(nn.Module):
         self.num_classes = 0 if dense else num_classes
         self.in_chans = in_chans
         self.dense = dense
-        self.setting = setting
         self.embed_dims = tuple(embed_dims)
         self.num_features = self.head_hidden_size = embed_dims[-1]
         self.drop_rate = drop_rate
@@ -217,6 +234,7 @@ class FEC(nn.Module):
         for name, m in self.named_modules():
             if isinstance(m, (ClusterEncode, ClusterPool)):
                 m.name, m.official_name = name, official_name(name)
+                m.stage = stage_and_block(name)[0]
 
     # ------------------------------------------------------------------ timm API
     @torch.jit.ignore
@@ -239,10 +257,7 @@ class FEC(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
         """Replace the classifier with a fresh one for ``num_classes`` classes (0 removes it)."""
-        if not isinstance(num_classes, numbers.Integral) or isinstance(num_classes, bool) or num_classes < 0:
-            raise ValueError(f"num_classes must be an int >= 0 (0: no classifier), got {num_classes!r}")
-        if global_pool is not None and global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
+        _check_head_args(num_classes, self.global_pool if global_pool is None else global_pool)
         self.num_classes = num_classes
         if global_pool is not None:
             self.global_pool = global_pool
@@ -390,10 +405,9 @@ class FEC(nn.Module):
         for m in layers:
             if m.last_index is None:  # a pruned or skipped layer
                 continue
-            stage = int(m.name.split(".")[1])
             idx = m.last_index
             grid = m.proposal if m.kind == "encode" else (idx.shape[-2] // 2, idx.shape[-1] // 2)
-            records.append(ClusterRecord(m.name, m.official_name, m.kind, stage, idx, m.fold, grid))
+            records.append(ClusterRecord(m.name, m.official_name, m.kind, m.stage, idx, m.fold, grid))
             m.last_index = None
         return out, records
 
@@ -471,7 +485,7 @@ def _create_fec(variant: str, pretrained: bool = False, **kwargs) -> FEC:
     setting = kwargs.pop("setting", variant.split("_")[2] if variant.count("_") == 2 else "cls")
     if setting not in SETTINGS:
         raise ValueError(f"unknown setting {setting!r}; choose one of {sorted(SETTINGS)}")
-    args = {**VARIANTS[base], **SETTINGS[setting], "setting": setting}
+    args = {**VARIANTS[base], **SETTINGS[setting]}
     features_only = kwargs.get("features_only", False)
     if features_only:
         args["dense"] = True

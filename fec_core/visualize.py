@@ -38,7 +38,7 @@ from .interpret import LayerMap, match_labels
 
 __all__ = ["PALETTE", "mean_colors", "palette_colors", "boundaries", "paint", "plot_layers", "plot_regions",
            "save_figure", "check_output", "load_image", "input_multiple", "fed_size", "prepare_image",
-           "estimate_macs", "build_model", "main"]
+           "estimate_macs", "load_model", "main"]
 
 #: A fixed palette for region panels (matplotlib's tab10 followed by tab20's light shades).
 PALETTE = np.array([
@@ -151,8 +151,8 @@ def plot_layers(image, maps: Sequence[LayerMap], regions=None, index: int = 0, c
         if color == "palette":
             lab = lab if prev is None else match_labels(lab, prev)
             prev = lab
-        dense = lab.size / max(len(np.unique(lab)), 1) < min_edge_area  # tiny clusters: edges would hide the image
-        panels.append((paint(image, lab, color=color, edges=edges and not dense), m.title))
+        crowded = lab.size / max(len(np.unique(lab)), 1) < min_edge_area  # tiny clusters: edges would hide the image
+        panels.append((paint(image, lab, color=color, edges=edges and not crowded), m.title))
     if regions is not None:
         reg = _np(regions[index])
         k = int(reg.max()) + 1
@@ -267,8 +267,7 @@ def input_multiple(model) -> int:
     for mult in range(need, need * 64 + 1, need):
         ok = True
         for layer in model.clustering_layers():
-            stage = int(layer.name.split(".")[1])
-            size = mult // (4 * 2 ** stage)
+            size = mult // (4 * 2 ** layer.stage)
             f = max(layer.fold)
             if layer.kind == "pool":
                 ok &= (2 * size) % (2 * f) == 0
@@ -299,7 +298,7 @@ def prepare_image(image: np.ndarray, size: int, multiple: int) -> np.ndarray:
 
 def estimate_macs(model, height: int, width: int) -> int:
     """Multiply-accumulates of one forward pass of ``model`` on a ``height x width`` image,
-    without running it (chapter 9's :func:`fec_core.profile.count_macs` on a shape-only copy
+    without running it (chapter 9's :func:`fec_core.costs.count_macs` on a shape-only copy
     of the model, device ``'meta'``).
 
     Up to 320 x 320 pixels the count is direct. Beyond, it is extrapolated from two counts at
@@ -308,7 +307,7 @@ def estimate_macs(model, height: int, width: int) -> int:
     grows with the square of the pixels per region; the rest grows linearly. Measured on
     ``fec_tiny`` / ``fec_small`` up to 672 x 672 the extrapolation is within 0.3%.
     """
-    from .profile import count_macs
+    from .costs import count_macs
 
     shape_only = copy.deepcopy(model).to("meta")
     if height * width <= 320 * 320:
@@ -324,9 +323,11 @@ def estimate_macs(model, height: int, width: int) -> int:
     return int(a * p + b * p * p)
 
 
-def build_model(name: str, checkpoint: Optional[str] = None):
-    """An FEC variant, with ``checkpoint`` loaded if given (the classifier size is taken
-    from the checkpoint). Returns ``(model, message)``; errors are clear exceptions."""
+def load_model(name: str, checkpoint: Optional[str] = None):
+    """An FEC variant for the CLI, with ``checkpoint`` loaded if given (the classifier size is
+    taken from the checkpoint). Returns ``(model, message)``, the message saying what was
+    loaded; errors are clear exceptions. (Not :func:`fec_core.train.build_model`, which builds
+    a training config's model.)"""
     import timm
 
     from . import create_model
@@ -457,7 +458,7 @@ def _run(args) -> int:
         print(f"note: {args.output} will hold a PNG image whatever its extension")
     image = load_image(args.image)
     torch.manual_seed(args.seed)
-    model, message = build_model(args.model, args.checkpoint)
+    model, message = load_model(args.model, args.checkpoint)
     print(message)
     model.eval()
     multiple = input_multiple(model)

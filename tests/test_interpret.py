@@ -106,6 +106,19 @@ def test_trace_gives_nested_label_maps_at_image_resolution():
         select_layers(maps, "stages.9")
 
 
+@pytest.mark.parametrize("dense", [False, True])
+def test_trace_clusters_returns_the_forward_output_and_the_stage_outputs(dense):
+    """One pass gives what ``model(x)`` and :meth:`FEC.forward_intermediates` give (same
+    arithmetic: exact), for a classifier and for a dense model (normalized stage outputs)."""
+    model = small_fec(dense=dense)
+    x = torch.randn(1, 3, 64, 64)
+    out, _, feats = trace_clusters(model, x)
+    with torch.no_grad():
+        assert torch.equal(out, model(x))
+        for mine, theirs in zip(feats, model.forward_intermediates(x, intermediates_only=True), strict=True):
+            assert torch.equal(mine, theirs)
+
+
 def test_encode_clusters_rejects_pool_records_and_vice_versa():
     model = small_fec()
     _, records = model.forward_with_clusters(torch.randn(1, 3, 64, 64))

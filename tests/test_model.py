@@ -5,7 +5,7 @@ import torch
 
 import fec_core
 from fec_core import FEC
-from fec_core.profile import count_macs
+from fec_core.costs import count_macs
 
 TINY = dict(layers=(1, 1, 1, 1), embed_dims=(8, 16, 24, 32), mlp_ratios=(2, 2, 2, 2), heads=(2, 2, 2, 2),
             head_dim=(4, 4, 4, 4), proposal=(2, 2, 2, 1))
@@ -65,6 +65,11 @@ def test_forward_with_clusters_records():
     assert all(int(r.index.max()) < r.num_centers for r in recs)
     assert recs[0].official_name == "network.0.0.token_mixer" and pools[0].official_name == "network.1"
     assert all(not l.record for l in m.clustering_layers())  # recording switched off again
+    # the stage of every record: from the module name, by the one helper
+    assert [r.stage for r in pools] == [1, 2, 3] and [r.stage for r in encodes].count(2) == 5
+    assert fec_core.model.stage_and_block("stages.2.blocks.4.token_mixer") == (2, 4)
+    assert fec_core.model.stage_and_block("stages.3.downsample") == (3, None)
+    assert fec_core.model.stage_and_block("stem.proj") == (0, None)
 
 
 def test_bad_inputs_raise_clear_errors():

@@ -172,12 +172,12 @@ def test_aggregate_accumulates_half_precision_in_float32():
     v = torch.rand(1, 4, 4096) + 1.0  # many members: a bfloat16 running sum would lose them
     cv = torch.rand(1, 4, 2)
     index = torch.zeros(1, 4096, dtype=torch.long)
-    exact = cl._aggregate_cf(v.double(), cv.double(), index)
-    half = cl._aggregate_cf(v.bfloat16(), cv.bfloat16(), index)
+    exact = cl.aggregate(v.double(), cv.double(), index, channels_first=True)
+    half = cl.aggregate(v.bfloat16(), cv.bfloat16(), index, channels_first=True)
     assert half.dtype == torch.bfloat16
     torch.testing.assert_close(half.double(), exact, atol=0, rtol=1e-2)
     # against the public points-first form
-    torch.testing.assert_close(cl._aggregate_cf(v, cv, index).transpose(1, 2),
+    torch.testing.assert_close(cl.aggregate(v, cv, index, channels_first=True).transpose(1, 2),
                                cl.aggregate(v.transpose(1, 2), cv.transpose(1, 2), index))
 
 

@@ -409,7 +409,7 @@ def _no_model(monkeypatch):
 
     def refuse(*a, **k):
         raise AssertionError("the model was built before the check")
-    monkeypatch.setattr(V, "build_model", refuse)
+    monkeypatch.setattr(V, "load_model", refuse)
 
 
 def test_visualize_output_checked_before_any_compute(tmp_path, photo, capsys, monkeypatch):
@@ -447,7 +447,7 @@ def test_visualize_estimates_cost_and_refuses_without_force(tmp_path, capsys):
     with the estimate, unless --force. The estimate is the real MAC count within 1%."""
     import timm
 
-    from fec_core.profile import count_macs
+    from fec_core.costs import count_macs
     from fec_core.visualize import estimate_macs, main as visualize
 
     model = timm.create_model("fec_tiny")

@@ -338,6 +338,18 @@ def test_dense_targets_custom_model_loss_and_metric():
     assert r["loss"] == pytest.approx(h["val_loss"], rel=1e-5)
 
 
+def test_one_rule_tells_per_pixel_targets_from_image_labels():
+    """``is_per_pixel``: the rule of fit, evaluate and train_segmentation (integer maps only)."""
+    from fec_core.train.metrics import is_per_pixel
+
+    assert is_per_pixel(torch.zeros(4, 5, dtype=torch.long)) and is_per_pixel(torch.zeros(4, 5, dtype=torch.uint8))
+    assert is_per_pixel(torch.zeros(2, 4, 5, dtype=torch.long), batched=True)
+    assert not is_per_pixel(torch.zeros(2, 4, 5, dtype=torch.long))  # a batch is not one sample's map
+    assert not is_per_pixel(torch.tensor(3)) and not is_per_pixel(3)  # one label per image
+    assert not is_per_pixel(torch.zeros(4, 5))  # float: soft targets, not classes
+    assert not is_per_pixel(torch.zeros(2, 10), batched=True)  # Mixup's soft labels [B, K]
+
+
 def test_metrics_are_correct():
     acc = Accuracy((1, 2))
     out = torch.tensor([[3.0, 2.0, 1.0], [1.0, 3.0, 2.0], [3.0, 1.0, 2.0], [1.0, 2.0, 3.0]])

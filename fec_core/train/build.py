@@ -6,14 +6,12 @@ import os
 import warnings
 from typing import Optional
 
-import torch
 import torch.nn as nn
 
 from .config import TrainConfig
 from .distributed import print0
 
-__all__ = ["build_datasets", "build_model", "load_pretrained", "freeze_similarity", "targets_are_dense",
-           "infer_num_classes"]
+__all__ = ["build_datasets", "build_model", "load_pretrained", "freeze_similarity", "infer_num_classes"]
 
 def build_datasets(cfg: TrainConfig):
     """``(train_set, val_set)`` for ``cfg.dataset``; both have ``.classes``.
@@ -79,11 +77,6 @@ def load_pretrained(model: nn.Module, path: str) -> nn.Module:
     for w in caught:
         print0(f"note: {w.message}")
     return model
-
-
-def targets_are_dense(dataset) -> bool:
-    target = dataset[0][1]
-    return isinstance(target, torch.Tensor) and target.ndim >= 1
 
 
 def infer_num_classes(cfg, train_set, model) -> Optional[int]:

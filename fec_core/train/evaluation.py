@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .config import TrainConfig
-from .metrics import Accuracy, MeanIoU, as_metric
+from .metrics import IGNORE_INDEX, Accuracy, MeanIoU, as_metric, is_per_pixel
 
 __all__ = ["FitResult", "evaluate", "output_classes"]
 
@@ -64,7 +64,7 @@ def evaluate(model: nn.Module, data, loss_fn: Optional[Callable] = None, metric=
             raise ValueError("the evaluation dataset is empty")
         loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=workers)
     metric = as_metric(metric)
-    dense = None
+    per_pixel = None
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -72,19 +72,19 @@ def evaluate(model: nn.Module, data, loss_fn: Optional[Callable] = None, metric=
     autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext())
     for x, y in tqdm(loader, desc="eval", leave=False, disable=not progress):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if dense is None:
-            dense = y.ndim >= 2 and y.dtype in (torch.long, torch.int32, torch.int64, torch.uint8)
+        if per_pixel is None:
+            per_pixel = is_per_pixel(y, batched=True)
             if loss_fn is None:
-                loss_fn = nn.CrossEntropyLoss(ignore_index=255) if dense else nn.CrossEntropyLoss()
+                loss_fn = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX) if per_pixel else nn.CrossEntropyLoss()
             if metric is None:
-                metric = MeanIoU(output_classes(model, x)) if dense else Accuracy()
+                metric = MeanIoU(output_classes(model, x)) if per_pixel else Accuracy()
         with autocast:
-            out = model(x)
-            loss = loss_fn(out, y)
-        out = out.float()
+            output = model(x)
+            loss = loss_fn(output, y)
+        output = output.float()
         loss_sum += loss.detach().double() * len(x)
         count += len(x)
-        metric.update(out, y)
+        metric.update(output, y)
     if metric is None:
         raise ValueError("the evaluation data yielded no batches")
     if dist.is_available() and dist.is_initialized():

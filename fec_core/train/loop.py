@@ -21,11 +21,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .build import build_datasets, build_model, freeze_similarity, infer_num_classes, load_pretrained, targets_are_dense
+from .build import build_datasets, build_model, freeze_similarity, infer_num_classes, load_pretrained
 from .config import BUILTIN_DATASETS, TrainConfig
 from .distributed import Dist, Shard, all_ok, amp_dtype_for, epoch_seed, init_distributed, print0, resolve_device, seed_all
 from .evaluation import FitResult, evaluate, output_classes
-from .metrics import Accuracy, MeanIoU, Metric, as_metric
+from .metrics import IGNORE_INDEX, Accuracy, MeanIoU, Metric, as_metric, is_per_pixel
 from .runfiles import (SaveError, atomic_save, atomic_write_text, checkpoint_bytes, load_model_state, prepare_output,
                        read_training_checkpoint, repair_best, warn_if_little_space)
 
@@ -42,7 +42,7 @@ class _Run:
     train_set: Any = None
     val_set: Any = None
     classes: Optional[Tuple[str, ...]] = None
-    dense: bool = False
+    per_pixel: bool = False  # per-pixel class maps as targets (segmentation)
     model: Optional[nn.Module] = None
     net: Optional[nn.Module] = None
     num_classes: Optional[int] = None
@@ -67,7 +67,7 @@ class _Run:
     history: List[Dict[str, float]] = field(default_factory=list)
     best_metric: Optional[float] = None
     best_epoch: Optional[int] = None
-    out: Optional[str] = None
+    folder: Optional[str] = None  # the run folder (cfg.output_dir, or the resumed run's)
     latest: Optional[str] = None
     best: Optional[str] = None
     metrics_path: Optional[str] = None
@@ -112,10 +112,10 @@ def fit(cfg: TrainConfig, model: Optional[nn.Module] = None, train_set=None, val
             _run_epoch(run, epoch, progress)
         if progress and d.main and run.best_metric is not None:
             print0(f"best val {run.metric.name} {run.best_metric:.4f} (epoch {run.best_epoch})"
-                   + (f"; run folder: {run.out}" if run.out else ""))
+                   + (f"; run folder: {run.folder}" if run.folder else ""))
         return FitResult(model=run.model, history=run.history, best_metric=run.best_metric,
                          best_epoch=run.best_epoch, metric_name=run.metric.name, config=cfg, classes=run.classes,
-                         ema_model=run.ema.module if run.ema is not None else None, lr=run.lr, output_dir=run.out,
+                         ema_model=run.ema.module if run.ema is not None else None, lr=run.lr, output_dir=run.folder,
                          latest_path=run.latest, best_path=run.best, metrics_path=run.metrics_path)
     finally:
         torch.set_num_threads(threads_before)
@@ -134,8 +134,8 @@ def _setup_data(run: _Run, train_set, val_set) -> None:
         raise ValueError(f"empty dataset: {len(train_set)} training and {len(val_set)} validation samples")
     run.train_set, run.val_set = train_set, val_set
     run.classes = tuple(getattr(train_set, "classes", ()) or ()) or None
-    run.dense = targets_are_dense(train_set)
-    if run.classes is not None and len(run.classes) == 1 and not run.dense:
+    run.per_pixel = is_per_pixel(train_set[0][1])
+    if run.classes is not None and len(run.classes) == 1 and not run.per_pixel:
         warnings.warn(f"the training data has a single class ({run.classes[0]!r}): every prediction is right, the "
                       f"loss goes to 0 and the accuracy is 1.0 whatever the model learns; an image folder "
                       f"needs one subfolder per class", stacklevel=3)
@@ -159,7 +159,7 @@ def _setup_model(run: _Run, model: Optional[nn.Module]) -> None:
     elif cfg.pretrained:
         load_pretrained(model, cfg.pretrained)
     model_classes = getattr(model, "num_classes", None)
-    if not run.dense and classes and model_classes and model_classes != len(classes):
+    if not run.per_pixel and classes and model_classes and model_classes != len(classes):
         raise ValueError(f"the model has {model_classes} outputs but the dataset has {len(classes)} classes; "
                          f"call model.reset_classifier({len(classes)}) or set num_classes")
     if cfg.freeze_similarity:
@@ -177,8 +177,8 @@ def _setup_loss_and_metric(run: _Run, loss_fn: Optional[Callable], metric) -> No
         run.train_loss = run.val_loss = loss_fn
     else:
         from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-        if run.dense:
-            run.train_loss = run.val_loss = nn.CrossEntropyLoss(ignore_index=255, label_smoothing=0.0)
+        if run.per_pixel:
+            run.train_loss = run.val_loss = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX, label_smoothing=0.0)
         elif (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.augment:
             from timm.data import Mixup
             if cfg.batch_size % 2:
@@ -191,7 +191,7 @@ def _setup_loss_and_metric(run: _Run, loss_fn: Optional[Callable], metric) -> No
         else:
             run.train_loss = run.val_loss = nn.CrossEntropyLoss()
     metric = as_metric(metric)
-    if metric is None and run.dense:
+    if metric is None and run.per_pixel:
         x = run.train_set[0][0][None].to(run.device)
         metric = MeanIoU(run.num_classes or output_classes(run.model, x))
     elif metric is None:
@@ -273,29 +273,29 @@ def _resume(run: _Run, resume: Dict[str, Any]) -> None:
 def _open_run_folder(run: _Run, resume: Optional[Dict[str, Any]]) -> None:
     """Never overwrite another run; create and test-write the folder before any training;
     repair a best.pt that a kill left behind; rewrite the log from the checkpoint."""
-    out = run.cfg.output_dir
-    if out is None and resume is not None:
-        out = os.path.dirname(resume["path"])
-    if out is None:
+    folder = run.cfg.output_dir
+    if folder is None and resume is not None:
+        folder = os.path.dirname(resume["path"])
+    if folder is None:
         return
-    run.out, run.latest, run.best = out, os.path.join(out, "latest.pt"), os.path.join(out, "best.pt")
-    run.metrics_path = os.path.join(out, "metrics.jsonl")
-    here = resume is not None and os.path.abspath(os.path.dirname(resume["path"])) == os.path.abspath(out)
+    run.folder, run.latest, run.best = folder, os.path.join(folder, "latest.pt"), os.path.join(folder, "best.pt")
+    run.metrics_path = os.path.join(folder, "metrics.jsonl")
+    here = resume is not None and os.path.abspath(os.path.dirname(resume["path"])) == os.path.abspath(folder)
     if not here and any(os.path.exists(p) for p in (run.latest, run.best)):
-        raise FileExistsError(f"{out} already holds a training run (latest.pt / best.pt); resume it with "
-                              f"--resume {out} or choose another --output-dir")
+        raise FileExistsError(f"{folder} already holds a training run (latest.pt / best.pt); resume it with "
+                              f"--resume {folder} or choose another --output-dir")
     failure = None
     if run.d.main:
         try:
-            prepare_output(out, json.dumps(run.cfg.to_dict(), indent=2) + "\n")
+            prepare_output(folder, json.dumps(run.cfg.to_dict(), indent=2) + "\n")
             if here:
                 repair_best(resume, run.best)
             atomic_write_text(_jsonl(run.history), run.metrics_path)
-            warn_if_little_space(out, checkpoint_bytes(run.model, run.ema is not None), 1 if here else 3)
+            warn_if_little_space(folder, checkpoint_bytes(run.model, run.ema is not None), 1 if here else 3)
         except OSError as e:
             failure = e
     if not all_ok(failure is None, run.d, run.device):
-        raise failure if failure is not None else SaveError(f"rank 0 could not prepare {out}")
+        raise failure if failure is not None else SaveError(f"rank 0 could not prepare {folder}")
 
 
 def _wrap_ddp(run: _Run) -> None:
@@ -408,7 +408,7 @@ def _validate(run: _Run) -> Dict[str, float]:
 def _save_epoch(run: _Run, epoch: int, improved: bool) -> None:
     """latest.pt, then best.pt (if improved), then the log; a failure stops every rank."""
     failure = None
-    if run.out is not None and run.d.main:
+    if run.folder is not None and run.d.main:
         ckpt = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
                 "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict() if run.scaler else None,
                 "state_dict_ema": run.ema.module.state_dict() if run.ema is not None else None,

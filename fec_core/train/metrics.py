@@ -11,7 +11,21 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-__all__ = ["Metric", "Accuracy", "iou_per_class", "MeanIoU", "BatchMean", "as_metric"]
+__all__ = ["Metric", "Accuracy", "iou_per_class", "MeanIoU", "BatchMean", "as_metric", "IGNORE_INDEX",
+           "is_per_pixel"]
+
+#: Target value of pixels that count for no class (the per-pixel loss and :class:`MeanIoU` skip them).
+IGNORE_INDEX = 255
+
+_CLASS_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def is_per_pixel(target, batched: bool = False) -> bool:
+    """Whether ``target`` is a per-pixel class map (segmentation: :class:`MeanIoU`, a loss that
+    skips :data:`IGNORE_INDEX`) rather than one label per image (:class:`Accuracy`): an integer
+    tensor ``[H, W]``, or ``[B, H, W]`` when ``batched``. The one rule of ``fit``, ``evaluate``
+    and :func:`fec_core.seg.train_segmentation`."""
+    return isinstance(target, torch.Tensor) and target.dtype in _CLASS_DTYPES and target.ndim == 2 + int(batched)
 
 class Metric:
     """A metric accumulated over batches: ``reset()``, ``update(output, target)``, ``compute()``.
@@ -95,7 +109,7 @@ class MeanIoU(Metric):
 
     name = "miou"
 
-    def __init__(self, num_classes: int, ignore_index: int = 255):
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX):
         self.num_classes, self.ignore_index = num_classes, ignore_index
         super().__init__()
 

@@ -1,11 +1,11 @@
-"""fec_core.profile: parameter and multiply-accumulate counts (book chapter 9)."""
+"""fec_core.costs: parameter and multiply-accumulate counts (book chapter 9)."""
 import pytest
 import timm
 import torch
 import torch.nn as nn
 
 import fec_core  # noqa: F401  (registers the FEC models)
-from fec_core.profile import count_macs, count_params, macs_breakdown, macs_by_module, macs_by_operator
+from fec_core.costs import count_macs, count_params, macs_breakdown, macs_by_module, macs_by_operator
 
 
 class TwoLayers(nn.Module):

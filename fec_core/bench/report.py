@@ -1,0 +1,160 @@
+"""The benchmark's reports (chapter 12): several runs merged into one, the Markdown table
+and the plot."""
+from __future__ import annotations
+
+import sys
+from typing import List, Optional
+
+from .settings import PATHS
+
+__all__ = ["merge_reports", "to_markdown", "plot"]
+
+
+def merge_reports(reports: List[dict]) -> dict:
+    """Join reports of several runs (say, ``fec_small`` and ``fec_large``, or inference and
+    training) into one: ``meta`` of the first run with the device, torch version and
+    date, ``meta['runs']`` every run's own ``meta`` (its command among them), and
+    all results, each naming its model."""
+    if not reports:
+        raise ValueError("nothing to merge")
+    devices = {r["meta"]["device_name"] for r in reports}
+    if len(devices) > 1:
+        raise ValueError(f"the reports come from different devices: {sorted(devices)}")
+    meta = {k: v for k, v in reports[0]["meta"].items() if k not in ("command", "model", "dense", "official",
+                                                                      "parameters", "iters", "warmup")}
+    meta["runs"] = [r["meta"] for r in reports]
+    meta["command"] = " ; ".join(str(r["meta"].get("command")) for r in reports)
+    meta["model"] = ", ".join(dict.fromkeys(r["meta"]["model"] for r in reports))
+    meta["iters"] = ", ".join(dict.fromkeys(str(r["meta"]["iters"]) for r in reports))
+    results = []
+    for r in reports:
+        for row in r["results"]:
+            row = dict(row)
+            row.setdefault("model", r["meta"]["model"])
+            row.setdefault("dense", r["meta"].get("dense", False))
+            results.append(row)
+    out = dict(meta=meta, results=results)
+    profiles = [p for r in reports for p in r.get("profiles", [])]
+    if profiles:
+        out["profiles"] = profiles
+    return out
+
+
+def _key(r: dict) -> tuple:
+    return (r.get("model", ""), r.get("dense", False), r["mode"], r["dtype"], r["batch"], r["resolution"])
+
+
+def _speedup(results: List[dict], r: dict, reference: str = "literal") -> Optional[float]:
+    """Latency of the ``reference`` path over ``r``'s, same model and setting (None if
+    either did not run)."""
+    for o in results:
+        if o["path"] == reference and o["status"] == "ok" and r["status"] == "ok" and _key(o) == _key(r):
+            return o["latency_ms"] / r["latency_ms"]
+    return None
+
+
+def to_markdown(report: dict) -> str:
+    """The results as a Markdown table (one row per model, path and setting), with each
+    path's speedup over the literal path and over the official code of the same setting."""
+    meta = report["meta"]
+    dense = any(r.get("dense") for r in report["results"]) or meta.get("dense")
+    official = any(r["path"] == "official" for r in report["results"])
+    lines = [f"Device: {meta['device_name']} ({meta['device']}), model `{meta['model']}`"
+             f"{' (dense features)' if dense else ''}, torch {meta['torch']}, "
+             f"{meta['iters']} timed iterations, {meta['date']}.", "",
+             "| model | mode | dtype | batch | resolution | path | latency (ms, median) | img/s | CPU time (ms) "
+             "| peak memory (MiB) | speedup vs literal |" + (" speedup vs official |" if official else "")
+             + " status |",
+             "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|" + ("---:|" if official else "") + "---|"]
+
+    def f(v, fmt):
+        return "" if v is None else format(v, fmt)
+
+    def x(v):
+        return "" if v is None else f"{v:.2f}x"
+    for r in report["results"]:
+        mem = None if r["peak_mem_bytes"] is None else r["peak_mem_bytes"] / 2 ** 20
+        name = r.get("model") or meta["model"]
+        name += " (dense)" if r.get("dense") else ""
+        lines.append(f"| {name} | {r['mode']} | {r['dtype']} | {r['batch']} | {r['resolution']} | {r['path']} | "
+                     f"{f(r['latency_ms'], '.1f')} | {f(r['throughput'], '.1f')} | {f(r['cpu_ms'], '.0f')} | "
+                     f"{f(mem, '.1f')} | {x(_speedup(report['results'], r))} |"
+                     + (f" {x(_speedup(report['results'], r, 'official'))} |" if official else "")
+                     + f" {r['status']} |")
+    runs = meta.get("runs") or [meta]
+    for m in runs:
+        if m.get("official"):
+            a = m["official"]["agreement"]
+            lines.append(f"\nOfficial code ({m['model']}, scatter: {m['official']['scatter']}): same weights; "
+                         f"largest output difference to ours {a['max_abs_diff']:.2e} "
+                         f"(outputs up to {a['output_scale']:.2e}) at {a['resolution']}x{a['resolution']}.")
+    lines.append("")
+    lines.append("Command: `" + str(meta.get("command")) + "`")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Optional[str] = None):
+    """Bar charts of throughput and peak memory per setting and path, and, when several
+    resolutions were measured, peak memory against the number of pixels (log-log)."""
+    import matplotlib
+    if path is not None and "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")  # writing a file from a script: no display needed
+    import matplotlib.pyplot as plt
+
+    res = report["results"]
+    paths = [p for p in PATHS if any(r["path"] == p for r in res)]
+    paths += sorted({r["path"] for r in res} - set(PATHS))  # timm:<name> yardsticks
+    keys = []
+    for r in res:
+        if _key(r) not in keys:
+            keys.append(_key(r))
+    several = len({k[0] for k in keys}) > 1  # several models: name them under the bars
+    resolutions = sorted({r["resolution"] for r in res})
+    ncols = 3 if len(resolutions) > 1 else 2
+    fig, axes = plt.subplots(1, ncols, figsize=(5.5 * ncols, 4.2))
+    width = 0.8 / max(1, len(paths))
+    colors = {"official": "tab:red", "literal": "tab:gray", "fast": "tab:blue", "compiled": "tab:green"}
+    for ax, field_, label in ((axes[0], "throughput", "images / s"), (axes[1], "peak_mem_bytes", "peak memory (MiB)")):
+        for j, p in enumerate(paths):
+            vals = []
+            for k in keys:
+                v = next((r[field_] for r in res if r["path"] == p and _key(r) == k), None)
+                if v is not None and field_ == "peak_mem_bytes":
+                    v = v / 2 ** 20
+                vals.append(float("nan") if v is None else v)
+            ax.bar([i + (j - (len(paths) - 1) / 2) * width for i in range(len(keys))], vals, width,
+                   label=p, color=colors[p])
+        ax.set_xticks(range(len(keys)))
+        ax.set_xticklabels([(f"{name}\n" if several else "") + f"{m} {d}\nb{b} {r}px"
+                            for name, _, m, d, b, r in keys], fontsize=7)
+        ax.set_ylabel(label)
+        ax.legend()
+    axes[0].set_title("throughput (higher is better)")
+    axes[1].set_title("peak memory (lower is better)")
+    if ncols == 3:
+        ax = axes[2]
+        styles = {"infer": "o-", "train": "s--"}
+        reference = None
+        for p in paths:
+            for (name, m, d, b) in sorted({(r.get("model", ""), r["mode"], r["dtype"], r["batch"]) for r in res}):
+                pts = sorted((r["resolution"] ** 2, r["peak_mem_bytes"] / 2 ** 20) for r in res
+                             if r["path"] == p and (r.get("model", ""), r["mode"], r["dtype"], r["batch"])
+                             == (name, m, d, b) and r["peak_mem_bytes"])
+                if len(pts) > 1:
+                    ax.loglog(*zip(*pts), styles[m], color=colors[p], label=f"{name} {p} {m} {d} b{b}")
+                    if reference is None or (p in ("fast", "compiled") and reference[0] in ("literal", "official")):
+                        reference = (p, pts)
+        if reference is not None:
+            pts = reference[1]
+            xs = [pts[0][0], pts[-1][0]]
+            ax.loglog(xs, [pts[0][1], pts[0][1] * xs[1] / xs[0]], "k:", label="linear in pixels")
+        ax.set_xlabel("pixels per image")
+        ax.set_ylabel("peak memory (MiB)")
+        ax.set_title("memory against input size")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{report['meta']['model']} on {report['meta']['device_name']}", fontsize=10)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+    return fig

@@ -1,0 +1,205 @@
+"""The benchmark's main loop (chapter 12): :func:`run` builds the model (and the official
+one), then for every mode, dtype, batch size and resolution times the paths in the same
+process, alternating their iterations."""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn as nn
+
+from .measure import _is_oom, _measure_memory, _profile_table, _step_fn, _sync, device_name, literal_dense_bytes
+from .official import _agreement, _build_official
+from .settings import BenchConfig, Result, check_config
+
+__all__ = ["run"]
+
+
+def _build(cfg: BenchConfig, device: torch.device) -> nn.Module:
+    import timm
+
+    import fec_core  # noqa: F401  (registers the models)
+    kwargs = dict(num_classes=0 if cfg.dense else 1000)
+    if cfg.dense:
+        kwargs["dense"] = True
+    torch.manual_seed(cfg.seed)
+    return timm.create_model(cfg.model, **kwargs).to(device)
+
+
+class _StageOutputs(nn.Module):
+    """The four stage outputs of a dense FEC (its ``forward``, as every timm model's, is one tensor)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor):
+        return self.model.forward_intermediates(x, intermediates_only=True)
+
+
+def _meta(cfg: BenchConfig, device: torch.device, model: nn.Module, official) -> dict:
+    """What the report says about the run: device, versions, threads, method, agreement."""
+    meta = dict(
+        device=str(device), device_name=device_name(device), model=cfg.model, dense=cfg.dense,
+        date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), command=None,
+        torch=torch.__version__, python=platform.python_version(), threads=torch.get_num_threads(),
+        cpu_count=os.cpu_count(), cpu_capability=torch.backends.cpu.get_cpu_capability(),
+        iters=cfg.iters, warmup=cfg.warmup, references=list(cfg.references),
+        memory_method=("torch.cuda.max_memory_allocated (absolute)" if device.type == "cuda" else
+                       "torch.profiler CPU allocation events (above the level before the step)")
+        if cfg.memory else None,
+        parameters=sum(p.numel() for p in model.parameters()),
+    )
+    if device.type == "cuda":
+        meta.update(cuda=torch.version.cuda, gpu_memory_bytes=torch.cuda.get_device_properties(device).total_memory,
+                    tf32_matmul=torch.backends.cuda.matmul.allow_tf32, tf32_cudnn=torch.backends.cudnn.allow_tf32,
+                    cudnn_benchmark=torch.backends.cudnn.benchmark)
+    from .. import kernels as _kernels
+    meta.update(triton_kernel=bool(device.type == "cuda" and _kernels.HAS_TRITON and _kernels.mode() != "off"))
+    if official is not None:
+        meta["official"] = dict(file=os.path.basename(cfg.official),
+                                scatter=("index_add_ stand-in" if getattr(sys.modules.get("torch_scatter"),
+                                         "__fec_core_stand_in__", False) else "torch_scatter"),
+                                agreement=_agreement(model, official, device, min(cfg.resolutions)))
+    return meta
+
+
+def _build_references(cfg: BenchConfig, device: torch.device) -> Dict[str, nn.Module]:
+    """The timm models timed beside FEC as yardsticks (``--compare``), randomly initialised."""
+    import timm
+    torch.manual_seed(cfg.seed)
+    return {f"timm:{name}": timm.create_model(name).to(device) for name in cfg.references}
+
+
+def _fail(res: Result, err: BaseException) -> None:
+    res.status = "oom" if _is_oom(err) else f"error: {type(err).__name__}: {err}"[:300]
+
+
+class _Setting:
+    """One (mode, dtype, batch, resolution): the paths' step functions and their timings."""
+
+    def __init__(self, row: Dict[str, Result], bar):
+        self.row, self.bar = row, bar
+        self.steps: Dict[str, Callable[[], None]] = {}
+        self.wall: Dict[str, List[float]] = {}
+        self.cpu: Dict[str, List[float]] = {}
+
+    def drop(self, p: str, err: BaseException, device: torch.device) -> None:
+        """Report ``err`` for path ``p`` and go on with the other paths."""
+        _fail(self.row[p], err)
+        del self.steps[p]
+        self.bar.update(1)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def warm_up(self, warmup: int, device: torch.device) -> None:
+        for p in list(self.steps):
+            try:
+                for _ in range(max(warmup, 1 if p == "compiled" else 0)):  # compiled: compile now
+                    self.steps[p]()
+                _sync(device)
+            except Exception as err:  # noqa: BLE001 - report and go on with the other paths
+                self.drop(p, err, device)
+
+    def time(self, iters: int, device: torch.device) -> None:
+        """Alternate the paths' iterations, so that a slower moment of the machine hits all."""
+        self.wall = {p: [] for p in self.steps}
+        self.cpu = {p: [] for p in self.steps}
+        for _ in range(iters):
+            for p in list(self.steps):
+                try:
+                    _sync(device)
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    self.steps[p]()
+                    _sync(device)
+                    self.wall[p].append(time.perf_counter() - t0)
+                    self.cpu[p].append(time.process_time() - c0)
+                except Exception as err:  # noqa: BLE001
+                    self.drop(p, err, device)
+
+    def record(self, cfg: BenchConfig, device: torch.device, profiles: List[dict]) -> None:
+        for p, step in self.steps.items():
+            res, wall = self.row[p], self.wall[p]
+            med = statistics.median(wall)
+            res.latency_ms, res.latency_ms_min = 1e3 * med, 1e3 * min(wall)
+            res.throughput = res.batch / med
+            res.cpu_ms = 1e3 * statistics.median(self.cpu[p])
+            res.times_ms = [round(1e3 * t, 3) for t in wall]
+            if cfg.memory:
+                try:
+                    res.peak_mem_bytes, res.base_mem_bytes = _measure_memory(step, device)
+                except Exception as err:  # noqa: BLE001
+                    res.status = "oom" if _is_oom(err) else res.status
+            if cfg.profile:
+                try:
+                    table = _profile_table(step, device)
+                except Exception as err:  # noqa: BLE001
+                    table = f"profiler failed: {type(err).__name__}: {err}"
+                profiles.append(dict(model=cfg.model, path=p, mode=res.mode, dtype=res.dtype, batch=res.batch,
+                                     resolution=res.resolution, table=table))
+            self.bar.update(1)
+
+
+def run(cfg: BenchConfig, progress: bool = True) -> dict:
+    """Run the benchmark; returns ``{'meta': ..., 'results': [Result as dict, ...]}``
+    (and ``'profiles'``, one operator table per setting and path, with ``cfg.profile``)."""
+    from tqdm.auto import tqdm
+
+    device = check_config(cfg)
+    model = _build(cfg, device)
+    official = _build_official(cfg, model, device) if "official" in cfg.paths else None
+    nets = dict(_build_references(cfg, device))
+    names = list(cfg.paths) + list(nets)
+    meta = _meta(cfg, device, model, official)
+    compiled: Dict[str, nn.Module] = {}
+    combos = [(mode, dt, b, r) for mode in cfg.modes for dt in cfg.dtypes
+              for b in cfg.batch_sizes for r in cfg.resolutions]
+    results: List[Result] = []
+    profiles: List[dict] = []
+    bar = tqdm(total=len(combos) * len(names), desc="fec bench", disable=not progress)
+    for mode, dt, b, r in combos:
+        setting = _Setting({p: Result(p, mode, dt, b, r, model=cfg.model, dense=cfg.dense) for p in names}, bar)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        try:
+            x = torch.randn(b, 3, r, r, generator=gen).to(device)
+            y = torch.randint(0, 1000, (b,), generator=gen).to(device)
+        except RuntimeError as err:  # the input itself does not fit
+            for res in setting.row.values():
+                _fail(res, err)
+            results.extend(setting.row.values())
+            bar.update(len(names))
+            continue
+        limit = cfg.max_dense_gib * 2 ** 30
+        for p in names:
+            if p in ("literal", "official") and literal_dense_bytes(model, b, r) > limit:
+                gib = literal_dense_bytes(model, b, r) / 2 ** 30
+                setting.row[p].status = f"skipped: dense tensors of {gib:.3g} GiB > --max-dense-gib {cfg.max_dense_gib}"
+                bar.update(1)
+                continue
+            ours = _StageOutputs(model) if cfg.dense else model
+            net = {"official": official}.get(p, nets.get(p, ours))
+            if p == "compiled":
+                if mode not in compiled:
+                    compiled[mode] = torch.compile(ours)
+                net = compiled[mode]
+            setting.steps[p] = _step_fn(net, mode, dt, x, y, device,
+                                        (lambda lit=(p == "literal"): model.set_literal(lit)))
+        setting.warm_up(cfg.warmup, device)
+        setting.time(cfg.iters, device)
+        setting.record(cfg, device, profiles)
+        results.extend(setting.row[p] for p in names)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    bar.close()
+    model.set_literal(False)
+    report = dict(meta=meta, results=[asdict(r) for r in results])
+    if cfg.profile:
+        report["profiles"] = profiles
+    return report
