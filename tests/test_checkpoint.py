@@ -4,7 +4,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import golden_model, load_golden
+from conftest import golden_model, load_golden, official_state_dict
 from fec_core import CheckpointError, load_checkpoint
 
 
@@ -83,21 +83,18 @@ def test_classification_checkpoint_into_dense_model(golden):
     assert len(model.forward_intermediates(golden["input"], intermediates_only=True)) == 4
 
 
-def test_timm_pretrained_file_uses_filter_fn(tmp_path, golden):
-    """timm's own loader (pretrained_cfg_overlay=dict(file=...)) maps official keys too."""
+def test_timm_pretrained_file_uses_filter_fn(tmp_path):
+    """timm's own loader (pretrained_cfg_overlay=dict(file=...)) maps every official key onto
+    its module: each loaded tensor is the one saved under the official name (but the head's:
+    timm leaves the classifier fresh when num_classes differs from the config's 1000)."""
     import timm
 
-    from fec_core.model import VARIANTS
-
     model = timm.create_model("fec_tiny", num_classes=5)
-    official = {}
-    from fec_core.model import official_name
-
-    for k, v in model.state_dict().items():
-        mod, _, leaf = k.rpartition(".")
-        official[f"{official_name(mod)}.{leaf}"] = v + 0.5
+    official = {k: v + 0.5 for k, v in official_state_dict(model).items()}
     path = tmp_path / "fec_tiny_official.pth"
     torch.save({"model": official}, path)
     loaded = timm.create_model("fec_tiny", num_classes=5, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
-    torch.testing.assert_close(loaded.stem.proj.weight, model.stem.proj.weight + 0.5)
-    assert VARIANTS["fec_tiny"]["layers"] == (1, 1, 2, 1)
+    loaded_sd = loaded.state_dict()
+    assert loaded_sd.keys() == model.state_dict().keys()
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded_sd[k], v + 0.5) != k.startswith("head."), k

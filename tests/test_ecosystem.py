@@ -17,12 +17,12 @@ import torch
 import timm
 from timm import set_scriptable
 from timm.models import get_notrace_functions, get_notrace_modules
-from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+from torchvision.models.feature_extraction import create_feature_extractor
 
 import fec_core
+from conftest import official_state_dict, tiny_model
 from fec_core import FEC, CheckpointError, clustering as cl, load_checkpoint
 from fec_core.checkpoint import split_backbone
-from fec_core.model import official_name
 from fec_core.numerics import assert_assignments_close
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
@@ -161,14 +161,35 @@ def test_fx_backward_and_torchvision_feature_extraction():
 
 
 # ----------------------------------------------------------------------------- compile, export, ONNX
-def test_compile_fullgraph():
-    m = timm.create_model("fec_tiny").eval()
+@pytest.mark.parametrize("literal", [False, True])
+def test_forward_traces_into_one_graph(literal):
+    """torch.compile sees one graph without breaks, on both clustering paths."""
+    m = tiny_model().eval().set_literal(literal)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(m)(images(2))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+def test_compiled_training_step_matches_eager():
+    """torch.compile(fullgraph=True) with AOTAutograd (no code generation, so no compiler is
+    needed) traces forward and backward of the fast path and gives eager's outputs and
+    gradients (inductor on CUDA: test_gpu.py)."""
+    m = tiny_model()
     x = images(2)
     torch._dynamo.reset()
-    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")  # fullgraph: no graph breaks
-    with torch.no_grad():
-        ref, out = m(x), compiled(x)
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
+    out = compiled(x)
+    out.square().sum().backward()
+    g_c = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    m.zero_grad(set_to_none=True)
+    ref = m(x)
+    ref.square().sum().backward()
     assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert g_c.keys() == {n for n, p in m.named_parameters() if p.grad is not None}
+    for n, p in m.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(g_c[n], p.grad, atol=1e-5, rtol=1e-4, msg=n)
     torch._dynamo.reset()
 
 
@@ -267,6 +288,7 @@ def test_export_with_dynamic_batch(exported, b):
         assert_assignments_close(scores, got, want, msg="torch.export")
 
 
+@pytest.mark.slow
 def test_onnx_runtime_reproduces_logits_and_assignments(exported, tmp_path):
     pytest.importorskip("onnxscript")
     onnx = pytest.importorskip("onnx")
@@ -333,18 +355,9 @@ def test_bad_constructor_arguments_are_named(kw, match):
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def official(model: FEC, prefix: str = "") -> dict:
-    """``model``'s weights in the official key layout (``network.*``, ``norm{2i}``), prefixed."""
-    out = {}
-    for k, v in model.state_dict().items():
-        mod, _, leaf = k.rpartition(".")
-        out[f"{prefix}{official_name(mod)}.{leaf}"] = v.clone()
-    return out
-
-
 def downstream(backbone: FEC, layout: str) -> dict:
     """A synthetic full MMSegmentation / MMDetection checkpoint around ``backbone``."""
-    sd = official(backbone, "backbone.")
+    sd = official_state_dict(backbone, "backbone.")
     heads = dict(seg=["decode_head.conv_seg.weight", "auxiliary_head.conv_seg.weight", "neck.lateral_convs.0.w"],
                  det=["neck.fpn_convs.0.conv.weight", "rpn_head.rpn_cls.weight", "roi_head.bbox_head.fc_cls.weight"])
     for k in heads[layout]:
@@ -386,7 +399,7 @@ def test_split_backbone_keeps_plain_checkpoints_whole():
 def test_classification_checkpoint_into_features_only_backbone(tmp_path):
     torch.manual_seed(2)
     classifier = timm.create_model("fec_tiny")
-    torch.save({"model": official(classifier)}, tmp_path / "cls.pth")
+    torch.save({"model": official_state_dict(classifier)}, tmp_path / "cls.pth")
     backbone = timm.create_model("fec_tiny", features_only=True, setting="seg")  # the README's backbone
     with pytest.warns(UserWarning, match="output norms"):
         load_checkpoint(backbone, tmp_path / "cls.pth")
@@ -403,7 +416,7 @@ def test_classification_checkpoint_into_features_only_backbone(tmp_path):
 
 
 def test_dense_checkpoint_into_a_classifier_says_how():
-    dense = official(timm.create_model("fec_tiny", dense=True))
+    dense = official_state_dict(timm.create_model("fec_tiny", dense=True))
     with pytest.raises(CheckpointError, match="features_only=True"):
         load_checkpoint(timm.create_model("fec_tiny", num_classes=0), dense)
     with pytest.raises(TypeError, match="features_only wrapper"):

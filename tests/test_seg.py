@@ -7,16 +7,11 @@ import timm
 import torch
 
 import fec_core  # noqa: F401  (registers the FEC models with timm)
-from fec_core import FEC, SETTINGS
+from conftest import tiny_fec
+from fec_core import SETTINGS
 from fec_core.seg import (IGNORE_INDEX, SEG_CLASSES, FECBackboneWithFPN, FECSegmenter, SemanticFPN, backbone_fec,
                           feature_channels, iou_per_class, segmentation_loss, shapes_segmentation, train_segmentation)
 from fec_core.train import FitResult, MeanIoU, evaluate
-
-
-def micro_fec(embed_dims=(8, 16, 24, 32), **kw):
-    """A very small dense FEC (a few thousand parameters) for fast CPU tests."""
-    return FEC(layers=(1, 1, 1, 1), embed_dims=embed_dims, mlp_ratios=(2, 2, 2, 2), heads=(1, 1, 2, 2),
-               head_dim=(8, 8, 8, 8), dense=True, **kw)
 
 
 # ----------------------------------------------------------------------------- multi-scale features
@@ -78,8 +73,7 @@ def test_invalid_sizes_raise_a_clear_error(setting, size, layer):
 
 
 def test_classifier_backbone_is_refused_by_the_heads():
-    classifier = FEC(layers=(1, 1, 1, 1), embed_dims=(8, 16, 24, 32), mlp_ratios=(2,) * 4, heads=(1, 1, 2, 2),
-                     head_dim=(8,) * 4, num_classes=5)
+    classifier = tiny_fec(num_classes=5)
     with pytest.raises(ValueError, match="dense=True"):
         FECSegmenter(classifier, 5)
     with pytest.raises(ValueError, match="feature_info"):
@@ -176,7 +170,7 @@ def test_short_segmentation_training_improves_miou():
     tr = TensorImageDataset(images[:256], masks[:256].long(), classes)
     va = TensorImageDataset(images[256:], masks[256:].long(), classes)
     torch.manual_seed(0)
-    model = FECSegmenter(micro_fec(embed_dims=(16, 32, 48, 64)), 2, fpn_channels=32, head_channels=32)
+    model = FECSegmenter(tiny_fec(dense=True, embed_dims=(16, 32, 48, 64)), 2, fpn_channels=32, head_channels=32)
     before = evaluate(model, va)["miou"]
     trivial = all_background_miou(va, 2)
     res = train_segmentation(model=model, train_set=tr, val_set=va, progress=False, epochs=6, batch_size=8,
@@ -209,7 +203,7 @@ def test_train_segmentation_rejects_label_targets():
 
     tr, va = shapes_datasets(8, 4, 32, target="label")
     with pytest.raises(ValueError, match="per-pixel"):
-        train_segmentation(model=FECSegmenter(micro_fec(), 4), train_set=tr, val_set=va, progress=False)
+        train_segmentation(model=FECSegmenter(tiny_fec(dense=True), 4), train_set=tr, val_set=va, progress=False)
 
 
 # ----------------------------------------------------------------------------- torchvision detection
