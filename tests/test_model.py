@@ -174,3 +174,43 @@ def test_bf16_autocast_paths_agree_closely():
     scale = ref.abs().max()
     assert (fast - ref).abs().max() < 0.1 * scale
     assert (lit - ref).abs().max() < 0.1 * scale
+
+
+# ----------------------------------------------------------------------------- bad inputs (issue 14)
+def test_bad_image_batches_get_clear_errors():
+    m = timm.create_model("fec_tiny").eval()
+    with pytest.raises(TypeError, match="floating-point image batch, got torch.uint8"):
+        m(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+    with pytest.raises(TypeError, match="input is torch.float64 but the model's weights are torch.float32"):
+        m(torch.zeros(1, 3, 64, 64, dtype=torch.float64))
+    with pytest.raises(ValueError, match="empty batch"):
+        m(torch.zeros(0, 3, 64, 64))
+    with torch.no_grad():  # what works stays working: a float64 model on float64 images
+        assert m.double()(torch.zeros(1, 3, 64, 64, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_bad_classifier_resets_are_named():
+    m = timm.create_model("fec_tiny")
+    with pytest.raises(ValueError, match="num_classes must be an int >= 0.*-1"):
+        m.reset_classifier(-1)
+    with pytest.raises(ValueError, match="global_pool"):
+        m.reset_classifier(3, "max")
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(fold=0), r"fold\[0\] must be a positive int"),
+    (dict(proposal=0), r"proposal\[0\] must be a positive int"),
+    (dict(proposal=(4, (2, 0), 2, 2)), r"proposal\[1\].*\(2, 0\)"),
+    (dict(num_classes=-1), r"num_classes must be an int >= 0.*-1"),
+    (dict(drop_path_rate=1.0), r"drop_path_rate must be in \[0, 1\), got 1.0"),
+    (dict(drop_path_rate=-0.1), r"drop_path_rate must be in \[0, 1\)"),
+    (dict(drop_rate=2), r"drop_rate must be in \[0, 1\)"),
+    (dict(global_pool="max"), "global_pool"),
+    (dict(features_only=True, out_indices=()), "out_indices must name at least one"),
+    (dict(features_only=True, out_indices=(0, 4)), r"\[4\] not stage indices"),
+])
+def test_bad_constructor_arguments_are_named(kw, match):
+    if "fold" in kw or "proposal" in kw:
+        kw = {k: (v,) * 4 if isinstance(v, int) else v for k, v in kw.items()}
+    with pytest.raises(ValueError, match=match):
+        timm.create_model("fec_tiny", **kw)

@@ -1,7 +1,5 @@
 """Dense prediction (fec_core.seg, chapter 13): multi-scale features, the Semantic FPN head,
 shapes segmentation trained through fec_core.train.fit, and a torchvision detector on FEC."""
-import math
-
 import pytest
 import timm
 import torch
@@ -10,7 +8,7 @@ import fec_core  # noqa: F401  (registers the FEC models with timm)
 from conftest import tiny_fec
 from fec_core import SETTINGS
 from fec_core.seg import (IGNORE_INDEX, SEG_CLASSES, FECBackboneWithFPN, FECSegmenter, SemanticFPN, backbone_fec,
-                          feature_channels, iou_per_class, segmentation_loss, shapes_segmentation, train_segmentation)
+                          feature_channels, segmentation_loss, shapes_segmentation, train_segmentation)
 from fec_core.train import FitResult, MeanIoU, evaluate
 
 
@@ -124,30 +122,14 @@ def test_segmenter_output_and_gradients():
         segmentation_loss(logits, target[:, :32])
 
 
-# ----------------------------------------------------------------------------- data and metric
-def test_shapes_segmentation_targets():
-    from fec_core.data import make_shapes
+# ----------------------------------------------------------------------------- data
+def test_shapes_segmentation_is_the_mask_task_of_shapes():
+    from fec_core.data import shapes_datasets
 
-    tr, va = shapes_segmentation(6, 2, size=32, seed=3)
-    images, labels, masks = make_shapes(8, 32, 3)
+    tr, va = shapes_segmentation(6, 2, size=32, seed=3)  # its targets: test_data.py
     assert tr.classes == SEG_CLASSES and len(tr) == 6 and len(va) == 2
-    x, y = tr[1]
-    assert x.shape == (3, 32, 32) and y.shape == (32, 32) and y.dtype == torch.long
-    assert torch.equal(y[masks[1]], torch.full_like(y[masks[1]], 1 + labels[1].item()))
-    assert (y[~masks[1]] == 0).all()
-    assert torch.equal(va[1][1], (masks[7].long() * (1 + labels[7])))
-
-
-def test_iou_per_class_and_mean_iou():
-    target = torch.tensor([[0, 0, 1, 1], [0, 2, 2, IGNORE_INDEX]])[None]
-    pred = torch.tensor([[0, 1, 1, 1], [0, 2, 0, 1]])[None]
-    metric = MeanIoU(4)
-    metric.update(torch.nn.functional.one_hot(pred, 4).permute(0, 3, 1, 2).float(), target)
-    iou = iou_per_class(metric.state["confusion"])
-    # class 0: TP 2, FP 1, FN 1; class 1: TP 2, FP 1; class 2: TP 1, FN 1; class 3 absent
-    assert torch.allclose(iou[:3], torch.tensor([0.5, 2 / 3, 0.5], dtype=torch.float64)) and math.isnan(iou[3])
-    assert metric.compute()["miou"] == pytest.approx((0.5 + 2 / 3 + 0.5) / 3)
-    assert metric.compute()["pixel_acc"] == pytest.approx(5 / 7)
+    ref = shapes_datasets(6, 2, 32, seed=3, target="mask")[1]
+    assert all(torch.equal(va[i][0], ref[i][0]) and torch.equal(va[i][1], ref[i][1]) for i in range(2))
 
 
 # ----------------------------------------------------------------------------- training through fit
