@@ -1,10 +1,12 @@
-"""What the tests share: the golden tensors, the tiny FEC, the training tests' small runs,
-one thread for tiny models, and the ``slow`` selection.
+"""What the tests share: the golden tensors, the tiny FEC, the literal-versus-fast check,
+the training tests' small runs, one thread for tiny models, and the ``slow`` selection.
 
-One test file per module of ``fec_core`` (test_clustering.py: the equations, test_layers.py,
-test_model.py, ...); test_parity.py holds the golden tensors of the official code,
-test_ecosystem.py the model in timm / TorchScript / FX / compile / export / ONNX,
-test_reliability.py the crash, disk and bad-input trials, test_gpu.py the CUDA path.
+One test file per module of ``fec_core``: test_clustering.py (the equations), test_layers.py,
+test_model.py, test_checkpoint.py, test_data.py, test_train.py (the train package),
+test_interpret.py, test_visualize.py, test_seg.py, test_kernels.py, test_bench.py,
+test_profile.py, test_numerics.py; and across modules test_parity.py (the golden tensors of
+the official code), test_ecosystem.py (timm's contract, TorchScript, FX, compile, export,
+ONNX), test_reliability.py (kills, full disks, bad input) and test_gpu.py (the CUDA path).
 Tests marked ``slow`` (more than about 10 s on one thread) are left out of ``pytest tests``
 unless ``--run-slow`` (or an explicit ``-m``) is given; ``python3 dev.py test`` runs them.
 """
@@ -146,21 +148,17 @@ def write_png(path, seed=0, size=40):
 
 
 # ----------------------------------------------------------------------------- slow tests
-def pytest_addoption(parser):
-    parser.addoption("--run-slow", action="store_true",
-                     help="also run the tests of tests/ marked slow (python3 dev.py test does)")
-
-
 def pytest_collection_modifyitems(config, items):
-    """Leave the tests marked ``slow`` out unless --run-slow or an explicit -m asks for them.
-    Only tests/ is concerned: ``pytest book/`` runs every chapter, as the README says."""
+    """Leave the tests of tests/ marked ``slow`` out unless --run-slow (an option of the top
+    conftest.py) or an explicit -m asks for them; ``pytest book/`` still runs every chapter."""
     if config.getoption("--run-slow") or config.option.markexpr:
         return
     here = Path(__file__).parent
     slow = [it for it in items if it.get_closest_marker("slow") and here in Path(str(it.path)).parents]
     if slow:
         config.hook.pytest_deselected(items=slow)
-        items[:] = [it for it in items if it not in slow]
+        left_out = set(map(id, slow))
+        items[:] = [it for it in items if id(it) not in left_out]
 
 
 def pytest_report_header(config):
