@@ -4,6 +4,11 @@ import os
 import pytest
 
 
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true",
+                     help="also run the tests of tests/ marked slow (python3 dev.py test does)")
+
+
 def pytest_configure(config):
     """With FEC_EXPECT_CPU_CAPABILITY set (``python3 dev.py test --cpu-compat``), stop at once
     unless PyTorch really runs that CPU code path: a setting that did not take would test

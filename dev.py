@@ -83,7 +83,7 @@ def main(argv=None) -> int:
         return run([PY, "scripts/bookbuild.py", "build", "--execute", *rest], env=env)
     if cmd == "site":
         return run([PY, "scripts/bookbuild.py", "build", *rest], env=env)
-    pytest = [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests", "book/test_book.py"]
+    pytest = [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests", "book/test_book.py", "--run-slow"]
     if os.cpu_count() and os.cpu_count() > 1:  # one worker per core; the site's tests stay on one
         pytest += ["-n", str(min(os.cpu_count(), 4)), "--dist", "loadgroup"]
         env.setdefault("OMP_NUM_THREADS", "1")  # workers side by side, not threads fighting for cores

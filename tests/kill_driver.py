@@ -15,7 +15,7 @@ import traceback
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_train import shapes_sets, tiny_cfg, tiny_fec  # noqa: E402
+from conftest import shapes_sets, tiny_cfg, tiny_fec  # noqa: E402
 
 from fec_core.train import Metric, fit  # noqa: E402
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import fec_core.clustering as cl
-from fec_core import FEC, kernels
+from fec_core import kernels
 from fec_core.numerics import assert_assignments_close, tolerance
 from conftest import tiny_model
 

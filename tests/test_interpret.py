@@ -1,22 +1,20 @@
-"""Tracing clusters to the pixels, merging, segmentation, drawing, the CLI (chapter 11)."""
-import numpy as np
+"""Tracing clusters to the pixels, merging, emergent segmentation (fec_core.interpret,
+chapter 11); drawing and the CLI: test_visualize.py."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fec_core import FEC
+from conftest import tiny_model
 from fec_core import clustering as cl
 from fec_core.interpret import (border_share, encode_clusters, evaluate_segmentation, foreground_from_regions,
-                                foreground_iou, kmeans_foreground, match_labels, merge_regions, patch_oracle,
-                                pool_parents, segment_foreground, select_layers, stem_points, trace_clusters)
+                                foreground_iou, kmeans_foreground, merge_regions, patch_oracle, pool_parents,
+                                segment_foreground, select_layers, stem_points, trace_clusters)
 
 
-def small_fec(**kw):
-    """A small FEC with uneven folds and center grids (everything that could confuse the layout)."""
-    args = dict(layers=(1, 1, 1, 1), embed_dims=(16, 32, 48, 64), heads=(2, 2, 2, 2), head_dim=(8, 8, 8, 8),
-                proposal=((2, 3), (2, 2), (1, 2), (1, 1)), fold=((2, 1), (1, 2), (2, 2), (1, 1)), num_classes=4)
-    args.update(kw)
-    return FEC(**args).eval()
+def small_fec():
+    """A tiny FEC with uneven folds and center grids (everything that could confuse the layout)."""
+    return tiny_model(proposal=((2, 3), (2, 2), (1, 2), (1, 1)), fold=((2, 1), (1, 2), (2, 2), (1, 1)),
+                      num_classes=4).eval()
 
 
 def test_stem_points_cover_every_pixel_including_leftovers():
@@ -177,6 +175,7 @@ def test_pixel_kmeans_baseline_solves_color_shapes():
     assert foreground_iou(kmeans_foreground(x, xy_weight=0.5), m).mean() > 0.9
 
 
+@pytest.mark.slow
 def test_emergent_segmentation_beats_both_baselines():
     """The chapter's measurement, small: an FEC trained only on shape *labels* (fec_core.train.fit,
     texture-defined shapes) segments held-out images better than the same FEC untrained and than
@@ -188,14 +187,12 @@ def test_emergent_segmentation_beats_both_baselines():
     train, val = TensorImageDataset(x[:2000], y[:2000], SHAPE_CLASSES), TensorImageDataset(x[2000:], y[2000:],
                                                                                            SHAPE_CLASSES)
 
-    def tiny():
-        return FEC(layers=(1, 1, 1, 1), embed_dims=(16, 32, 64, 96), mlp_ratios=(4, 4, 4, 4), heads=(2, 2, 4, 4),
-                   head_dim=(8, 8, 16, 16), num_classes=4)
+    def tiny():  # wider than the unit tests' FEC: the chapter's model
+        return tiny_model(layer_scale=None, embed_dims=(16, 32, 64, 96), mlp_ratios=(4, 4, 4, 4), heads=(2, 2, 4, 4),
+                          head_dim=(8, 8, 16, 16), num_classes=4)
 
-    torch.manual_seed(0)
     result = fit(TrainConfig(dataset="shapes", epochs=8, threads=1, seed=0), model=tiny(), train_set=train,
                  val_set=val, progress=False)
-    torch.manual_seed(0)
     untrained = tiny()
     xt, _, mt = make_shapes(200, 64, seed=1000, contrast="texture")
     table = evaluate_segmentation({
@@ -207,87 +204,3 @@ def test_emergent_segmentation_beats_both_baselines():
     assert trained > 0.45, table
     assert trained > table["untrained"]["miou"] + 0.25, table
     assert trained > table["pixels"]["miou"] + 0.25, table
-
-
-# ---------------------------------------------------------------------------- drawing and CLI
-def test_paint_mean_colors_and_matching():
-    from fec_core.visualize import boundaries, mean_colors, paint
-
-    img = np.zeros((4, 4, 3), dtype=np.float32)
-    img[:, :2, 0] = [[0.2, 0.4]] * 4
-    labels = np.zeros((4, 4), dtype=int)
-    labels[:, 2:] = 7
-    mc = mean_colors(img, labels)
-    assert np.allclose(mc[:, :2, 0], 0.3) and np.allclose(mc[:, 2:], 0)
-    assert boundaries(labels)[:, 1].all() and boundaries(labels).sum() == 4
-    out = paint(img, labels, color="palette", edges=False)
-    assert out.shape == (4, 4, 3) and not np.allclose(out[0, 0], out[0, 3])
-    with pytest.raises(ValueError, match="do not match"):
-        paint(img, labels[:2])
-    ref = np.array([[0, 0, 1, 1]])
-    assert match_labels(np.array([[5, 5, 3, 3]]), ref).tolist() == [[0, 0, 1, 1]]
-
-
-def test_plot_layers_one_panel_per_layer(tmp_path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from fec_core.visualize import plot_layers, save_figure
-
-    model = small_fec()
-    x = torch.rand(1, 3, 64, 64)
-    _, maps, feats = trace_clusters(model, x)
-    shown = select_layers(maps, "all")
-    last_pool = [m for m in maps if m.kind == "pool"][-1]
-    regions = merge_regions(feats[-1], last_pool.labels, 2)
-    fig = plot_layers(x[0].permute(1, 2, 0), shown, regions, color="palette")
-    assert sum(1 for ax in fig.axes if ax.images) == 1 + len(shown) + 1
-    path = save_figure(fig, str(tmp_path / "sub" / "f.png"))
-    assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-
-
-def _cli(args, capsys):
-    from fec_core.visualize import main
-
-    rc = main([str(a) for a in args])
-    cap = capsys.readouterr()
-    return rc, cap.out + cap.err
-
-
-def test_cli_random_weights_any_image(tmp_path, capsys):
-    from PIL import Image
-
-    img = tmp_path / "photo.webp"  # a format other than JPEG/PNG, not square
-    Image.fromarray((np.random.default_rng(0).random((50, 90, 3)) * 255).astype(np.uint8)).save(img)
-    out = tmp_path / "out.png"
-    rc, text = _cli([img, "--model", "fec_tiny", "--size", "64", "--clusters", "2", "-o", out], capsys)
-    assert rc == 0, text
-    assert "RANDOM weights" in text and out.exists()
-    assert "fed as 128x64 pixels" in text  # 50x90 -> shorter side 64, longer side a multiple of 32
-
-
-def test_cli_clear_errors(tmp_path, capsys):
-    import fec_core
-
-    bad = tmp_path / "not_an_image.jpg"
-    bad.write_bytes(b"hello, this is text")
-    rc, text = _cli([bad, "--model", "fec_tiny", "-o", tmp_path / "o.png"], capsys)
-    assert rc == 2 and "cannot read image" in text
-    rc, text = _cli([tmp_path / "missing.png", "-o", tmp_path / "o.png"], capsys)
-    assert rc == 2 and "image file not found" in text
-
-    from PIL import Image
-
-    img = tmp_path / "ok.png"
-    Image.new("RGB", (64, 64), (120, 30, 200)).save(img)
-    rc, text = _cli([img, "--model", "fec_tiny", "--checkpoint", tmp_path / "nope.pth"], capsys)
-    assert rc == 2 and "checkpoint file not found" in text
-    ckpt = tmp_path / "tiny.pth"
-    torch.save({"model": fec_core.create_model("fec_tiny", num_classes=4).state_dict()}, ckpt)
-    rc, text = _cli([img, "--model", "fec_small", "--checkpoint", ckpt, "--size", "64"], capsys)
-    assert rc == 2 and "does not fit fec_small" in text
-    rc, text = _cli([img, "--model", "fec_tiny", "--checkpoint", ckpt, "--size", "64", "-o", tmp_path / "t.png"],
-                    capsys)
-    assert rc == 0 and "loaded" in text and (tmp_path / "t.png").exists()
-    rc, text = _cli([img, "--model", "resnet50"], capsys)
-    assert rc == 2 and "unknown model" in text

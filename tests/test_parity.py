@@ -31,7 +31,9 @@ def test_outputs_and_assignments_match_official(name, literal):
     assert len(outs) == len(g["outputs"])
     for ours, ref in zip(outs, g["outputs"]):
         assert ours.shape == ref.shape
-        torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+        # float32 sums in another order: within 2e-6 + 1e-5 |ref|, and never more than 1e-5
+        bound = (2e-6 + 1e-5 * ref.abs()).clamp(max=1e-5)
+        assert ((ours - ref).abs() <= bound).all(), f"{name}: max difference {(ours - ref).abs().max():.3g}"
     assert [r.official_name for r in records] == list(g["assignments"])
     for r in records:
         assert r.kind == g["assignment_kinds"][r.official_name]

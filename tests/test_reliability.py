@@ -22,7 +22,7 @@ import torch
 
 from fec_core.train import SaveError, TrainConfig, fit, main
 
-from test_train import _write_png, shapes_sets, tiny_cfg, tiny_fec
+from conftest import shapes_sets, tiny_cfg, tiny_fec, write_png
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
@@ -79,6 +79,7 @@ def _kill_trials(work, scenario):
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
+@pytest.mark.slow
 def test_sigkill_before_or_after_every_write_then_resume_ends_as_an_uninterrupted_run(fast_dir):
     """A 3-epoch run (epochs 1 and 2 improve, 3 does not) SIGKILLed right before and right
     after each of its 10 file renames, then resumed: latest.pt, best.pt, metrics.jsonl and
@@ -117,6 +118,7 @@ def _default_sigint():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child process is POSIX")
 def test_ctrl_c_says_how_to_resume_and_the_resume_extends_the_schedule(tmp_path):
     """Ctrl-C (SIGINT) in the middle of a CLI run: exit 130, one line that names the command
@@ -214,6 +216,7 @@ def _fill(folder, leave=0):
             f.write(b"\0" * max(free, 0))
 
 
+@pytest.mark.slow
 def test_full_disk_keeps_the_previous_checkpoint(tmp_path):
     """A real small filesystem filled up after epoch 1: the save of epoch 2 fails with
     'disk is full', epoch 1's files stay loadable, no partial file is left; the CLI says
@@ -246,6 +249,7 @@ def test_full_disk_before_training_is_reported_before_training(tmp_path):
             fit(tiny_cfg(out, epochs=1), model=tiny_fec(), train_set=train, val_set=val, progress=False)
 
 
+@pytest.mark.slow
 def test_read_only_output_is_refused_before_training(tmp_path):
     with tmpfs(tmp_path / "ro", "64k", readonly=True) as ro:
         code, _, err = cli("fec_core.train", *TINY, "--epochs", "1", "--output-dir", os.path.join(ro, "run"))
@@ -326,7 +330,7 @@ def test_almost_surely_mistakes_warn():
     train, val = shapes_sets(32, 16)
     one = OneClass(train)
     with pytest.warns(UserWarning, match="single class"):
-        fit(tiny_cfg(None, epochs=1), model=tiny_fec(1), train_set=one, val_set=OneClass(val), progress=False)
+        fit(tiny_cfg(None, epochs=1), model=tiny_fec(num_classes=1), train_set=one, val_set=OneClass(val), progress=False)
 
 
 class OneClass(torch.utils.data.Dataset):
@@ -370,12 +374,13 @@ def test_cli_image_folder_bad_values(tmp_path, capsys):
     for split in ("train", "val"):
         for c in ("a", "b"):
             (tmp_path / "d" / split / c).mkdir(parents=True)
-            _write_png(tmp_path / "d" / split / c / "0.png")
+            write_png(tmp_path / "d" / split / c / "0.png")
     assert main(["--data-dir", str(tmp_path / "d"), "--aa", "nosuchpolicy", "--img-size", "32", "-b", "2",
                  "--epochs", "1", "--output-dir", str(tmp_path / "o"), "--no-progress"]) == 2
     assert "not a timm augmentation policy" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_as_a_user_cuda_divergence_one_class(tmp_path):
     """Three user mistakes, each a real subprocess: a missing GPU, a learning rate that
     diverges, a one-class image folder. One line each, no traceback."""
@@ -389,7 +394,7 @@ def test_cli_as_a_user_cuda_divergence_one_class(tmp_path):
     for split in ("train", "val"):
         (tmp_path / "one" / split / "cat").mkdir(parents=True)
         for i in range(4):
-            _write_png(tmp_path / "one" / split / "cat" / f"{i}.png", seed=i)
+            write_png(tmp_path / "one" / split / "cat" / f"{i}.png", seed=i)
     code, _, err = cli("fec_core.train", "--data-dir", str(tmp_path / "one"), "--model", "fec_tiny", "--img-size",
                        "32", "-b", "2", "--epochs", "1", "--workers", "0", "--output-dir", str(tmp_path / "o1"),
                        "--no-progress")
@@ -400,7 +405,7 @@ def test_cli_as_a_user_cuda_divergence_one_class(tmp_path):
 @pytest.fixture
 def photo(tmp_path):
     path = tmp_path / "photo.png"
-    _write_png(path, size=64)
+    write_png(path, size=64)
     return str(path)
 
 

@@ -6,41 +6,16 @@ import subprocess
 import sys
 import textwrap
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
-from fec_core import FEC, CheckpointError
-from fec_core.data import ImageFolderDataset, image_folder_datasets
-from fec_core.train import (PRESETS, Accuracy, MeanIoU, TrainConfig, build_datasets, evaluate, fit, main,
-                            plot_history, read_history)
-
-from conftest import golden_model, load_golden
-
+from conftest import golden_model, load_golden, shapes_sets, states_equal, tiny_cfg, tiny_fec, write_png
+from fec_core import CheckpointError
+from fec_core.train import (PRESETS, Accuracy, MeanIoU, TrainConfig, build_datasets, evaluate, fit, iou_per_class,
+                            main, plot_history, read_history)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny_fec(num_classes=4, **kw):
-    """A very small FEC (4 stages, a few thousand parameters) for fast CPU tests."""
-    torch.manual_seed(0)
-    return FEC(layers=(1, 1, 1, 1), embed_dims=(8, 16, 24, 32), mlp_ratios=(2, 2, 2, 2), heads=(1, 1, 2, 2),
-               head_dim=(8, 8, 8, 8), num_classes=num_classes, **kw)
-
-
-def tiny_cfg(tmp=None, **kw):
-    base = dict(dataset="shapes", img_size=32, train_samples=48, val_samples=16, epochs=2, batch_size=16,
-                output_dir=str(tmp) if tmp else None)
-    return TrainConfig(**{**base, **kw})
-
-
-def shapes_sets(n_train=48, n_val=16):
-    return build_datasets(tiny_cfg(train_samples=n_train, val_samples=n_val))
-
-
-def states_equal(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ----------------------------------------------------------------------------- recipe
@@ -81,15 +56,9 @@ def test_no_weight_decay_on_norms_biases_layer_scales_and_gate():
     assert isinstance(opt, torch.optim.AdamW)
 
 
-def test_conv_f_gets_no_gradient_and_freezing_changes_nothing():
-    """conv_f only feeds an argmax: its grad stays None, AdamW skips it (no weight decay either),
-    so freezing it gives bit-identical training."""
-    model = tiny_fec()
-    model(torch.randn(2, 3, 32, 32)).sum().backward()
-    pools = [m for m in model.modules() if type(m).__name__ == "ClusterPool"]
-    assert pools and all(m.conv_f.weight.grad is None for m in pools)
-    assert all(m.conv_v.weight.grad is not None for m in pools)
-
+def test_freezing_conv_f_changes_nothing():
+    """conv_f only feeds an argmax (it gets no gradient: test_clustering.py, test_ecosystem.py),
+    so AdamW skips it (no weight decay either) and freezing it gives bit-identical training."""
     train, val = shapes_sets(32, 16)
     init = {k: v.clone() for k, v in tiny_fec().state_dict().items()}
     res = [fit(tiny_cfg(epochs=1, freeze_similarity=freeze), model=tiny_fec(), train_set=train, val_set=val,
@@ -151,8 +120,7 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
     train, val = shapes_sets(32, 16)
     fit(tiny_cfg(tmp_path, epochs=1), model=tiny_fec(), train_set=train, val_set=val, progress=False)
     before = (tmp_path / "latest.pt").read_bytes()
-    other = FEC(layers=(1, 1, 1, 1), embed_dims=(8, 16, 24, 40), mlp_ratios=(2, 2, 2, 2), heads=(1, 1, 2, 2),
-                head_dim=(8, 8, 8, 8), num_classes=4)
+    other = tiny_fec(embed_dims=(8, 16, 24, 40))
     with pytest.raises(CheckpointError, match="does not fit this model"):
         fit(tiny_cfg(tmp_path, epochs=2, resume=str(tmp_path)), model=other, train_set=train, val_set=val,
             progress=False)
@@ -187,7 +155,7 @@ def test_pretrained_official_checkpoint_gets_a_new_head(tmp_path):
 DDP_SCRIPT = textwrap.dedent("""
     import os, sys, torch, torch.distributed as dist
     sys.path.insert(0, {tests!r})
-    from test_train import tiny_cfg, tiny_fec, shapes_sets
+    from conftest import tiny_cfg, tiny_fec, shapes_sets
     from fec_core.train import fit
     torch.set_num_threads(1)
     dist.init_process_group("gloo")  # fit() also does this itself under torchrun; here it reuses it
@@ -223,36 +191,7 @@ def test_ddp_two_processes_on_cpu_end_with_identical_weights(tmp_path):
     assert states_equal(u0["state"], u1["state"]) and states_equal(u0["state"], r0["state"])
 
 
-# ----------------------------------------------------------------------------- data and bad input
-def _write_png(path, seed=0, size=40):
-    from PIL import Image
-    img = (np.random.default_rng(seed).random((size, size, 3)) * 255).astype(np.uint8)
-    Image.fromarray(img).save(path)
-
-
-def test_image_folder_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="dataset folder not found"):
-        image_folder_datasets(str(tmp_path / "nope"))
-    with pytest.raises(FileNotFoundError, match="has no 'train' folder"):
-        image_folder_datasets(str(tmp_path))
-    (tmp_path / "train").mkdir()
-    (tmp_path / "val").mkdir()
-    with pytest.raises(FileNotFoundError, match="no class folders"):
-        image_folder_datasets(str(tmp_path))
-    for c in ("cat", "dog"):
-        (tmp_path / "train" / c).mkdir()
-    _write_png(tmp_path / "train" / "cat" / "a.png")
-    (tmp_path / "train" / "dog" / "notes.txt").write_text("not an image")
-    with pytest.raises(FileNotFoundError, match="hold no images.*dog"):
-        image_folder_datasets(str(tmp_path))
-    (tmp_path / "train" / "dog" / "broken.JPEG").write_bytes(b"\xff\xd8 truncated")
-    ds = ImageFolderDataset(str(tmp_path / "train"))
-    assert ds.classes == ("cat", "dog") and len(ds) == 2
-    assert ds[0][0].size == (40, 40)
-    with pytest.raises(OSError, match="cannot read image .*broken.JPEG"):
-        ds[1]
-
-
+# ----------------------------------------------------------------------------- image folders and bad input
 def test_image_folder_training_with_the_papers_transforms(tmp_path):
     """A small ImageNet-layout folder through the full recipe (RandAugment, random erasing,
     Mixup/CutMix, label smoothing): one epoch runs, the CLI writes its files and prints where."""
@@ -260,23 +199,23 @@ def test_image_folder_training_with_the_papers_transforms(tmp_path):
         for c, cls in enumerate(("a", "b")):
             (tmp_path / "data" / split / cls).mkdir(parents=True)
             for i in range(n):
-                _write_png(tmp_path / "data" / split / cls / f"{i}.png", seed=100 * c + i)
+                write_png(tmp_path / "data" / split / cls / f"{i}.png", seed=100 * c + i)
     cfg = TrainConfig(data_dir=str(tmp_path / "data"), img_size=32, epochs=1, batch_size=8, workers=0)
     train, val = build_datasets(cfg)
     x, y = train[0]
     assert x.shape == (3, 32, 32) and isinstance(y, int)
-    res = fit(cfg, model=tiny_fec(2), progress=False)
+    res = fit(cfg, model=tiny_fec(num_classes=2), progress=False)
     assert len(res.history) == 1 and math.isfinite(res.history[0]["train_loss"])
     # a batch larger than the dataset: a clear message, nothing written
     with pytest.raises(ValueError, match="batch size 64 is larger than the training set: 16 samples"):
         fit(TrainConfig(data_dir=str(tmp_path / "data"), img_size=32, epochs=1, batch_size=64, workers=0,
-                        output_dir=str(tmp_path / "out")), model=tiny_fec(2), progress=False)
+                        output_dir=str(tmp_path / "out")), model=tiny_fec(num_classes=2), progress=False)
     assert not (tmp_path / "out").exists()
     # an unreadable image stops the run with its name; an earlier run's files stay as they were
     (tmp_path / "data" / "train" / "a" / "0.png").write_bytes(b"garbage")
     with pytest.raises(OSError, match="cannot read image .*0.png"):
         fit(TrainConfig(data_dir=str(tmp_path / "data"), img_size=32, epochs=1, batch_size=8, workers=0,
-                        output_dir=str(tmp_path / "out")), model=tiny_fec(2), progress=False)
+                        output_dir=str(tmp_path / "out")), model=tiny_fec(num_classes=2), progress=False)
     assert not (tmp_path / "out" / "latest.pt").exists()
 
 
@@ -355,12 +294,15 @@ def test_metrics_are_correct():
     out = torch.tensor([[3.0, 2.0, 1.0], [1.0, 3.0, 2.0], [3.0, 1.0, 2.0], [1.0, 2.0, 3.0]])
     acc.update(out, torch.tensor([0, 2, 2, 0]))
     assert acc.compute() == {"acc": 0.25, "acc2": 0.75}
-    miou = MeanIoU(2)
-    pred = torch.tensor([[[0, 0], [1, 1]]])
-    target = torch.tensor([[[0, 1], [1, 255]]])
-    miou.update(nn.functional.one_hot(pred, 2).permute(0, 3, 1, 2).float(), target)
-    r = miou.compute()  # class 0: I=1, U=2; class 1: I=1, U=2; pixels 2/3
-    assert r["miou"] == pytest.approx(0.5) and r["pixel_acc"] == pytest.approx(2 / 3)
+    target = torch.tensor([[0, 0, 1, 1], [0, 2, 2, 255]])[None]  # 255: ignored
+    pred = torch.tensor([[0, 1, 1, 1], [0, 2, 0, 1]])[None]
+    miou = MeanIoU(4)
+    miou.update(nn.functional.one_hot(pred, 4).permute(0, 3, 1, 2).float(), target)
+    iou = iou_per_class(miou.state["confusion"])
+    # class 0: TP 2, FP 1, FN 1; class 1: TP 2, FP 1; class 2: TP 1, FN 1; class 3 absent (NaN, left out)
+    assert torch.allclose(iou[:3], torch.tensor([0.5, 2 / 3, 0.5], dtype=torch.float64)) and math.isnan(iou[3])
+    r = miou.compute()
+    assert r["miou"] == pytest.approx((0.5 + 2 / 3 + 0.5) / 3) and r["pixel_acc"] == pytest.approx(5 / 7)
     model = tiny_fec()
     _, val = shapes_sets(16, 16)
     r = evaluate(model, val)

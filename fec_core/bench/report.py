@@ -114,6 +114,8 @@ def plot(report: dict, path: Optional[str] = None):
     fig, axes = plt.subplots(1, ncols, figsize=(5.5 * ncols, 4.2))
     width = 0.8 / max(1, len(paths))
     colors = {"official": "tab:red", "literal": "tab:gray", "fast": "tab:blue", "compiled": "tab:green"}
+    others = iter(["tab:purple", "tab:olive", "tab:brown", "tab:pink", "tab:cyan", "tab:orange"] * 4)
+    colors.update({p: next(others) for p in paths if p not in colors})  # yardsticks
     for ax, field_, label in ((axes[0], "throughput", "images / s"), (axes[1], "peak_mem_bytes", "peak memory (MiB)")):
         for j, p in enumerate(paths):
             vals = []

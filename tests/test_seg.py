@@ -1,22 +1,15 @@
 """Dense prediction (fec_core.seg, chapter 13): multi-scale features, the Semantic FPN head,
 shapes segmentation trained through fec_core.train.fit, and a torchvision detector on FEC."""
-import math
-
 import pytest
 import timm
 import torch
 
 import fec_core  # noqa: F401  (registers the FEC models with timm)
-from fec_core import FEC, SETTINGS
+from conftest import tiny_fec
+from fec_core import SETTINGS
 from fec_core.seg import (IGNORE_INDEX, SEG_CLASSES, FECBackboneWithFPN, FECSegmenter, SemanticFPN, backbone_fec,
-                          feature_channels, iou_per_class, segmentation_loss, shapes_segmentation, train_segmentation)
+                          feature_channels, segmentation_loss, shapes_segmentation, train_segmentation)
 from fec_core.train import FitResult, MeanIoU, evaluate
-
-
-def micro_fec(embed_dims=(8, 16, 24, 32), **kw):
-    """A very small dense FEC (a few thousand parameters) for fast CPU tests."""
-    return FEC(layers=(1, 1, 1, 1), embed_dims=embed_dims, mlp_ratios=(2, 2, 2, 2), heads=(1, 1, 2, 2),
-               head_dim=(8, 8, 8, 8), dense=True, **kw)
 
 
 # ----------------------------------------------------------------------------- multi-scale features
@@ -78,8 +71,7 @@ def test_invalid_sizes_raise_a_clear_error(setting, size, layer):
 
 
 def test_classifier_backbone_is_refused_by_the_heads():
-    classifier = FEC(layers=(1, 1, 1, 1), embed_dims=(8, 16, 24, 32), mlp_ratios=(2,) * 4, heads=(1, 1, 2, 2),
-                     head_dim=(8,) * 4, num_classes=5)
+    classifier = tiny_fec(num_classes=5)
     with pytest.raises(ValueError, match="dense=True"):
         FECSegmenter(classifier, 5)
     with pytest.raises(ValueError, match="feature_info"):
@@ -151,30 +143,14 @@ def test_segmenter_output_and_gradients():
         segmentation_loss(logits, target[:, :32])
 
 
-# ----------------------------------------------------------------------------- data and metric
-def test_shapes_segmentation_targets():
-    from fec_core.data import make_shapes
+# ----------------------------------------------------------------------------- data
+def test_shapes_segmentation_is_the_mask_task_of_shapes():
+    from fec_core.data import shapes_datasets
 
-    tr, va = shapes_segmentation(6, 2, size=32, seed=3)
-    images, labels, masks = make_shapes(8, 32, 3)
+    tr, va = shapes_segmentation(6, 2, size=32, seed=3)  # its targets: test_data.py
     assert tr.classes == SEG_CLASSES and len(tr) == 6 and len(va) == 2
-    x, y = tr[1]
-    assert x.shape == (3, 32, 32) and y.shape == (32, 32) and y.dtype == torch.long
-    assert torch.equal(y[masks[1]], torch.full_like(y[masks[1]], 1 + labels[1].item()))
-    assert (y[~masks[1]] == 0).all()
-    assert torch.equal(va[1][1], (masks[7].long() * (1 + labels[7])))
-
-
-def test_iou_per_class_and_mean_iou():
-    target = torch.tensor([[0, 0, 1, 1], [0, 2, 2, IGNORE_INDEX]])[None]
-    pred = torch.tensor([[0, 1, 1, 1], [0, 2, 0, 1]])[None]
-    metric = MeanIoU(4)
-    metric.update(torch.nn.functional.one_hot(pred, 4).permute(0, 3, 1, 2).float(), target)
-    iou = iou_per_class(metric.state["confusion"])
-    # class 0: TP 2, FP 1, FN 1; class 1: TP 2, FP 1; class 2: TP 1, FN 1; class 3 absent
-    assert torch.allclose(iou[:3], torch.tensor([0.5, 2 / 3, 0.5], dtype=torch.float64)) and math.isnan(iou[3])
-    assert metric.compute()["miou"] == pytest.approx((0.5 + 2 / 3 + 0.5) / 3)
-    assert metric.compute()["pixel_acc"] == pytest.approx(5 / 7)
+    ref = shapes_datasets(6, 2, 32, seed=3, target="mask")[1]
+    assert all(torch.equal(va[i][0], ref[i][0]) and torch.equal(va[i][1], ref[i][1]) for i in range(2))
 
 
 # ----------------------------------------------------------------------------- training through fit
@@ -197,7 +173,7 @@ def test_short_segmentation_training_improves_miou():
     tr = TensorImageDataset(images[:256], masks[:256].long(), classes)
     va = TensorImageDataset(images[256:], masks[256:].long(), classes)
     torch.manual_seed(0)
-    model = FECSegmenter(micro_fec(embed_dims=(16, 32, 48, 64)), 2, fpn_channels=32, head_channels=32)
+    model = FECSegmenter(tiny_fec(dense=True, embed_dims=(16, 32, 48, 64)), 2, fpn_channels=32, head_channels=32)
     before = evaluate(model, va)["miou"]
     trivial = all_background_miou(va, 2)
     res = train_segmentation(model=model, train_set=tr, val_set=va, progress=False, epochs=6, batch_size=8,
@@ -230,7 +206,7 @@ def test_train_segmentation_rejects_label_targets():
 
     tr, va = shapes_datasets(8, 4, 32, target="label")
     with pytest.raises(ValueError, match="per-pixel"):
-        train_segmentation(model=FECSegmenter(micro_fec(), 4), train_set=tr, val_set=va, progress=False)
+        train_segmentation(model=FECSegmenter(tiny_fec(dense=True), 4), train_set=tr, val_set=va, progress=False)
 
 
 # ----------------------------------------------------------------------------- torchvision detection
