@@ -110,8 +110,11 @@ def book_figures(dpi: int = 72, jpeg_quality: int = 65) -> None:
 
 def gallery(ax, images, ncols: int, titles=None, row_labels=None, pad: float = 0.08,
             fontsize: float = 9):
-    """Draw equally sized images as one montage in the axes ``ax``, row-major (the
-    galleries of chapters 4, 10, 11 and 13: one wide panel instead of many narrow ones).
+    """Draw equally sized images as one montage in the axes ``ax``, row-major: one wide
+    panel on the page instead of many narrow ones.
+
+    The book's galleries use it (the similarity maps of chapter 4, the digits of
+    chapter 10, the shapes of chapters 11 and 13).
 
     ``images``: a sequence of ``[H, W, 3]`` RGB (or ``[H, W]`` gray) arrays or tensors in
     [0, 1], all of one size; ``titles``: a text above each image (or ``None``);
