@@ -11,12 +11,12 @@ from typing import List, Optional, Tuple
 import torch
 import torch.fx
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 
 from . import clustering as cl
 
-__all__ = ["GroupNorm1", "Stem", "ClusterEncode", "ClusterPool", "Mlp", "ClusterBlock", "point_coordinates"]
+__all__ = ["GroupNorm1", "Stem", "ClusterEncode", "ClusterPool", "Mlp", "ClusterBlock", "point_coordinates",
+           "pointwise"]
 
 
 class GroupNorm1(nn.GroupNorm):
@@ -24,6 +24,25 @@ class GroupNorm1(nn.GroupNorm):
 
     def __init__(self, num_channels: int, **kwargs):
         super().__init__(1, num_channels, **kwargs)
+
+
+def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """A 1x1 convolution as one batched matrix product with the bias fused (chapter 12).
+
+    ``x`` [B, C, H, W], ``weight`` [O, C] (a linear layer's) or [O, C, 1, 1] (a
+    convolution's), ``bias`` [O] -> [B, O, H, W]: ``F.conv2d(x, weight, bias)`` up to
+    rounding. Every projection of FEC (keys, values, output, MLP) is one. On a CPU,
+    PyTorch runs a multi-threaded 1x1 convolution of a channels-first map through oneDNN,
+    which converts the map to its blocked layout and back at every call: ``baddbmm`` on
+    the ``[B, C, H * W]`` view needs no copy and was up to 5 times faster at two threads.
+    """
+    b, c, h, w = x.shape
+    wt = weight.reshape(weight.shape[0], c).expand(b, -1, -1)
+    x2 = x.reshape(b, c, h * w)
+    if bias is None:
+        return torch.bmm(wt, x2).reshape(b, -1, h, w)
+    out = torch.baddbmm(bias.reshape(1, -1, 1).expand(b, -1, h * w), wt, x2)
+    return out.reshape(b, -1, h, w)
 
 
 def point_coordinates(x: torch.Tensor) -> torch.Tensor:
@@ -121,14 +140,15 @@ class ClusterEncode(_Recording, nn.Module):
         b, _, rows, cols = x.shape
         _check_fold(self.name, rows, cols, self.fold, 1)
         e, fw, fh = self.heads, self.fold[0], self.fold[1]
-        keys = cl.fold(self.f(x).reshape(b * e, self.head_dim, rows, cols), fw, fh)
-        values = cl.fold(self.v(x).reshape(b * e, self.head_dim, rows, cols), fw, fh)
+        keys = pointwise(x, self.f.weight, self.f.bias).reshape(b * e, self.head_dim, rows, cols)
+        values = pointwise(x, self.v.weight, self.v.bias).reshape(b * e, self.head_dim, rows, cols)
+        keys, values = cl.fold(keys, fw, fh), cl.fold(values, fw, fh)
         out, index = cl.cluster_encode(keys, values, self.sim_alpha, self.sim_beta, self.proposal, self.literal)
         rr, rc = rows // fw, cols // fh  # one region's rows and columns
         if not torch.jit.is_scripting():
             self._keep(index, [b, e, fw, fh, rr, rc])
         out = cl.unfold(out.transpose(1, 2).reshape(b * e * fw * fh, self.head_dim, rr, rc), fw, fh)
-        return self.proj(out.reshape(b, e * self.head_dim, rows, cols))
+        return pointwise(out.reshape(b, e * self.head_dim, rows, cols), self.proj.weight, self.proj.bias)
 
     def extra_repr(self) -> str:
         return f"heads={self.heads}, head_dim={self.head_dim}, proposal={self.proposal}, fold={self.fold}"
@@ -160,7 +180,8 @@ class ClusterPool(_Recording, nn.Module):
         _check_fold(self.name, rows, cols, self.fold, 2)
         fw, fh = self.fold[0], self.fold[1]
         identity = self.conv_skip(x)
-        keys, values = cl.fold(self.conv_f(x), fw, fh), cl.fold(self.conv_v(x), fw, fh)
+        keys = cl.fold(pointwise(x, self.conv_f.weight, self.conv_f.bias), fw, fh)
+        values = cl.fold(pointwise(x, self.conv_v.weight, self.conv_v.bias), fw, fh)
         reps, index = cl.cluster_pool(keys, values, self.literal)
         if not torch.jit.is_scripting():
             self._keep(index, [b, fw, fh, rows // fw, cols // fh])
@@ -183,8 +204,8 @@ class Mlp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # fc1 / fc2 are nn.Linear (the checkpoints' keys and shapes), applied as 1x1
         # convolutions to the channels-first map: no permuted copies (chapter 12)
-        x = self.drop(self.act(F.conv2d(x, self.fc1.weight[:, :, None, None], self.fc1.bias)))
-        return self.drop(F.conv2d(x, self.fc2.weight[:, :, None, None], self.fc2.bias))
+        x = self.drop(self.act(pointwise(x, self.fc1.weight, self.fc1.bias)))
+        return self.drop(pointwise(x, self.fc2.weight, self.fc2.bias))
 
 
 class ClusterBlock(nn.Module):
