@@ -55,6 +55,11 @@ def test_bench_times_timm_yardsticks_in_the_same_run(tmp_path):
     assert report["meta"]["references"] == ["resnet18"]
     assert "| timm:resnet18 |" in (tmp_path / "bench.md").read_text()
     assert (tmp_path / "bench.png").stat().st_size > 10_000
+    # --paths with no value: the yardsticks alone (one model per process, scripts/cpu_bench.sh)
+    alone = bench.run_cli(["--model", "fec_tiny", "--device", "cpu", "--batch-sizes", "1", "--resolutions", "64",
+                           "--iters", "1", "--warmup", "0", "--no-memory", "--no-plot", "--paths", "--compare",
+                           "resnet18", "--out-dir", str(tmp_path / "alone"), "--quiet"])
+    assert [r["path"] for r in alone["results"]] == ["timm:resnet18"]
 
 
 def test_bench_command_line(tmp_path):
@@ -98,6 +103,7 @@ BAD_SETTINGS = [
     (["--merge", "no_such.json"], "cannot read it"),
     (["--compare", "no_such_net"], "--compare no_such_net: not a timm model"),
     (["--compare", "resnet18", "--dense"], "cannot be combined with --dense"),
+    (["--paths"], "paths []: choose one or more"),
 ]
 
 

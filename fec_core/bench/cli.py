@@ -31,9 +31,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="infer and/or train (default: infer on CPU, both on CUDA)")
     p.add_argument("--dtypes", nargs="+", default=None, choices=tuple(DTYPES),
                    help="fp32 and/or bf16 autocast (default: fp32 on CPU, both on CUDA)")
-    p.add_argument("--paths", nargs="+", default=None, choices=PATHS,
+    p.add_argument("--paths", nargs="*", default=None, choices=PATHS,
                    help="compiled = the fast path under torch.compile; official = the official code "
-                        "(needs --official). Default: literal fast, and official with --official")
+                        "(needs --official). Default: literal fast, and official with --official; "
+                        "none (--paths with no value) to time only the --compare models")
     p.add_argument("--official", default=None, metavar="FILE",
                    help="a copy of the official models/fec.py (github guikunchen/FEC): time it too")
     p.add_argument("--compare", nargs="+", default=[], metavar="MODEL",
@@ -121,7 +122,8 @@ def run_cli(argv: Optional[List[str]] = None) -> dict:
         resolutions=args.resolutions,
         modes=args.modes or (["infer", "train"] if gpu else ["infer"]),
         dtypes=args.dtypes or (["fp32", "bf16"] if gpu else ["fp32"]),
-        paths=args.paths or (["official", "literal", "fast"] if args.official else ["literal", "fast"]),
+        paths=args.paths if args.paths is not None else (
+            ["official", "literal", "fast"] if args.official else ["literal", "fast"]),
         iters=args.iters if args.iters is not None else (20 if gpu else 5),
         warmup=args.warmup if args.warmup is not None else (5 if gpu else 1),
         dense=args.dense,

@@ -68,7 +68,7 @@ def check_config(cfg: BenchConfig) -> torch.device:
     for name, vals, allowed in (("modes", cfg.modes, MODES), ("dtypes", cfg.dtypes, tuple(DTYPES)),
                                 ("paths", cfg.paths, PATHS)):
         bad = [v for v in vals if v not in allowed]
-        if bad or not vals:
+        if bad or (not vals and not (name == "paths" and cfg.references)):  # yardsticks alone
             raise ValueError(f"{name} {list(vals)}: choose one or more of {list(allowed)}")
     if cfg.iters < 1:
         raise ValueError(f"iters {cfg.iters}: must be at least 1")
