@@ -59,7 +59,7 @@ def scatter_backend() -> str:
 
 
 def set_scatter_backend(name: str) -> None:
-    """Choose the scatter backend: ``'torch'`` (native ``index_add_``, the default)
+    """Choose the scatter backend: ``'torch'`` (native ``scatter_add_``, the default)
     or ``'torch_scatter'`` (needs the optional ``torch-scatter`` package)."""
     global _scatter
     if name not in SCATTER_BACKENDS:

@@ -11,10 +11,10 @@ from fec_core.interpret import (border_share, encode_clusters, evaluate_segmenta
                                 segment_foreground, select_layers, stem_points, trace_clusters)
 
 
-def small_fec():
+def small_fec(**kw):
     """A tiny FEC with uneven folds and center grids (everything that could confuse the layout)."""
     return tiny_model(proposal=((2, 3), (2, 2), (1, 2), (1, 1)), fold=((2, 1), (1, 2), (2, 2), (1, 1)),
-                      num_classes=4).eval()
+                      num_classes=4, **kw).eval()
 
 
 def test_stem_points_cover_every_pixel_including_leftovers():

@@ -108,7 +108,7 @@ def test_semantic_fpn_loads_checkpoints_from_before_torchvisions_pyramid():
     """Keys saved when the pyramid was the head's own (``lateral.i``, ``smooth.i``) load into
     torchvision's ``FeaturePyramidNetwork`` (inside a segmenter too: any prefix)."""
     torch.manual_seed(0)
-    seg = FECSegmenter(micro_fec(), len(SEG_CLASSES)).eval()
+    seg = FECSegmenter(tiny_fec(dense=True), len(SEG_CLASSES)).eval()
     old = {}
     for key, value in seg.state_dict().items():
         for new, before in (("pyramid.inner_blocks.", "lateral."), ("pyramid.layer_blocks.", "smooth.")):
@@ -118,7 +118,7 @@ def test_semantic_fpn_loads_checkpoints_from_before_torchvisions_pyramid():
                 key = f"{head}{before}{level}.{tail}"
         old[key] = value
     assert "head.lateral.0.weight" in old and "head.smooth.3.bias" in old
-    again = FECSegmenter(micro_fec(), len(SEG_CLASSES)).eval()
+    again = FECSegmenter(tiny_fec(dense=True), len(SEG_CLASSES)).eval()
     again.load_state_dict(old)
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
