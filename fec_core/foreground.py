@@ -17,7 +17,7 @@ from typing import Dict
 import torch
 import torch.nn.functional as F
 
-from .interpret import _by_area, _kmeans, merge_regions, trace_clusters
+from .interpret import _by_area, _kmeans, _one_thread, merge_regions, trace_clusters
 from .model import FEC
 
 __all__ = ["border_share", "foreground_from_regions", "segment_foreground", "kmeans_pixels",
@@ -96,9 +96,10 @@ def kmeans_pixels(images: torch.Tensor, k: int = 2, xy_weight: float = 0.5, seed
     yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
     xy = torch.stack([yy, xx]).reshape(2, -1).T * xy_weight
     out = torch.empty(b, h, w, dtype=torch.long)
-    for i in range(b):
-        pts = torch.cat([images[i].detach().float().cpu().reshape(3, -1).T, xy], dim=1).numpy()
-        out[i] = _by_area(torch.from_numpy(_kmeans(pts, k, seed, n_init)).long().reshape(h, w), k)
+    with _one_thread():
+        for i in range(b):
+            pts = torch.cat([images[i].detach().float().cpu().reshape(3, -1).T, xy], dim=1).numpy()
+            out[i] = _by_area(torch.from_numpy(_kmeans(pts, k, seed, n_init)).long().reshape(h, w), k)
     return out
 
 

@@ -255,15 +255,23 @@ def _first_of(maps: Sequence[LayerMap], names: Sequence[str]) -> List[LayerMap]:
 def _kmeans(points: np.ndarray, k: int, seed: int, n_init: int) -> np.ndarray:
     """scikit-learn's k-means (:cite:`lloyd1982kmeans`) on ``points`` ``[N, D]`` -> labels ``[N]``.
 
-    Runs single-threaded: for the small problems here (one image at a time) thread
-    start-up costs far more than it saves, especially on a busy machine.
+    Call it inside :func:`_one_thread`: for the small problems here (one image at a time)
+    thread start-up costs far more than it saves, especially on a busy machine.
     """
     from sklearn.cluster import KMeans
-    from threadpoolctl import threadpool_limits
 
-    with threadpool_limits(1), warnings.catch_warnings():
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ConvergenceWarning when fewer distinct points than k
         return KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(points.astype(np.float64)).labels_
+
+
+def _one_thread():
+    """A context in which scikit-learn's k-means (and any BLAS / OpenMP pool) runs on one
+    thread. Entered once per batch of images, not per image: entering it inspects every loaded
+    library, about 4 ms, as long as a small k-means itself (measured, chapter 11's images)."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(1)
 
 
 def merge_regions(features: torch.Tensor, labels: torch.Tensor, k: int, seed: int = 0,
@@ -298,15 +306,16 @@ def merge_regions(features: torch.Tensor, labels: torch.Tensor, k: int, seed: in
     if normalize:
         feats = F.normalize(feats, dim=-1)
     out = torch.empty_like(labels)
-    for i in range(b):
-        used = torch.unique(labels[i]).cpu() if nonempty else torch.arange(h * w)
-        if nonempty and len(used) <= k:
-            part = torch.arange(len(used))
-        else:
-            part = torch.from_numpy(_kmeans(feats[i][used].numpy(), k, seed, n_init)).long()
-        region = torch.zeros(h * w, dtype=torch.long)
-        region[used] = part
-        out[i] = _by_area(region.to(labels.device)[labels[i]], k)
+    with _one_thread():
+        for i in range(b):
+            used = torch.unique(labels[i]).cpu() if nonempty else torch.arange(h * w)
+            if nonempty and len(used) <= k:
+                part = torch.arange(len(used))
+            else:
+                part = torch.from_numpy(_kmeans(feats[i][used].numpy(), k, seed, n_init)).long()
+            region = torch.zeros(h * w, dtype=torch.long)
+            region[used] = part
+            out[i] = _by_area(region.to(labels.device)[labels[i]], k)
     return out
 
 

@@ -43,9 +43,24 @@ def clean_notebook(nb) -> None:
         if cell.cell_type == "code":
             count += 1
             cell.execution_count = count
+            cell.outputs = _merged_streams(cell.outputs)
             for out in cell.outputs:
                 if "execution_count" in out:
                     out["execution_count"] = count
+
+
+def _merged_streams(outputs: list) -> list:
+    """Consecutive stdout (or stderr) chunks as one output: how a kernel splits a cell's
+    printing depends on timing, so the stored notebook should not."""
+    merged: list = []
+    for out in outputs:
+        prev = merged[-1] if merged else None
+        if (out.get("output_type") == "stream" and prev is not None
+                and prev.get("output_type") == "stream" and prev.get("name") == out.get("name")):
+            prev["text"] = "".join(prev["text"]) + "".join(out["text"])
+        else:
+            merged.append(out)
+    return merged
 
 
 def execute_notebook(path: Path, timeout: int = 900, cwd: Path | None = None) -> float:

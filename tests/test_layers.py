@@ -5,7 +5,7 @@ import torch
 
 from conftest import assert_paths_agree
 from fec_core import clustering as cl
-from fec_core.layers import ClusterEncode, ClusterPool
+from fec_core.layers import POINTWISE_BMM_MIN, ClusterEncode, ClusterPool, pointwise
 
 
 @pytest.mark.parametrize("fold,size", [((1, 1), (12, 12)), ((2, 2), (12, 16)), ((1, 2), (10, 14))])
@@ -44,3 +44,33 @@ def test_pool_layer_paths_agree(fold, size):
     x = torch.randn(2, 12, *size)
     g = assert_paths_agree(layer, x)
     assert g["conv_v.weight"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("rows,cols", [(1, 1), (2, 3), (7, 7), (8, 8), (12, 10)])
+def test_pointwise_is_a_1x1_convolution_on_both_sides_of_its_threshold(rows, cols):
+    """layers.pointwise (chapter 12): one baddbmm for maps of at least POINTWISE_BMM_MIN points,
+    one F.linear over all points below; both are F.conv2d up to rounding, in values and
+    gradients, and return a contiguous channels-first map."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 12, rows, cols, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(20, 12, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(20, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(5, 20, rows, cols, dtype=torch.float64)
+    for bias in (b, None):
+        out = pointwise(x, w, bias)
+        ref = torch.nn.functional.conv2d(x, w[:, :, None, None], bias)
+        assert out.is_contiguous() and out.shape == ref.shape
+        got = torch.autograd.grad(out, (x, w), g)
+        want = torch.autograd.grad(ref, (x, w), g)
+        torch.testing.assert_close(out, ref)
+        for a, e in zip(got, want):
+            torch.testing.assert_close(a, e)
+    with torch.no_grad():  # the branch taken: the same arithmetic, so the same bits
+        if rows * cols < POINTWISE_BMM_MIN:
+            flat = torch.nn.functional.linear(x.permute(0, 2, 3, 1).reshape(-1, 12), w, b)
+            expect = flat.reshape(5, rows, cols, 20).permute(0, 3, 1, 2)
+        else:
+            flat = torch.baddbmm(b.reshape(1, -1, 1).expand(5, -1, rows * cols), w.expand(5, -1, -1),
+                                 x.reshape(5, 12, -1))
+            expect = flat.reshape(5, 20, rows, cols)
+        assert torch.equal(pointwise(x, w, b), expect)
