@@ -42,7 +42,7 @@ def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
     """
     b, c, h, w = x.shape
     weight = weight.reshape(weight.shape[0], c)
-    if h * w < POINTWISE_BMM_MIN:
+    if h * w < _bmm_min():
         out = F.linear(x.permute(0, 2, 3, 1).reshape(b * h * w, c), weight, bias)
         return out.reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous()
     wt = weight.expand(b, -1, -1)
@@ -56,6 +56,16 @@ def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
 #: Fewest points (H * W) for which :func:`pointwise` uses one batched product per image;
 #: measured on 2 cores (chapter 12): ``baddbmm`` wins from 8x8 maps up, ``F.linear`` below.
 POINTWISE_BMM_MIN = 64
+
+
+def _bmm_min() -> int:
+    if torch.jit.is_scripting():  # TorchScript reads no module globals: the value of POINTWISE_BMM_MIN
+        return 64
+    return POINTWISE_BMM_MIN
+
+# FX: pointwise picks its form from the map's size, so a symbolic trace records it as one
+# call instead of tracing into it (as for the shape checks below).
+torch.fx.wrap("pointwise")
 
 
 def point_coordinates(x: torch.Tensor) -> torch.Tensor:

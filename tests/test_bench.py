@@ -193,3 +193,25 @@ def test_bench_merge_joins_reports(tmp_path):
     assert [r["mode"] for r in merged["results"]] == ["infer", "train"]
     assert len(merged["meta"]["runs"]) == 2 and merged["meta"]["command"].count("python -m fec_core.bench") == 2
     assert json.loads((tmp_path / "all" / "bench.json").read_text())["results"] == merged["results"]
+
+
+def test_bench_merge_combines_rounds_of_the_same_setting(tmp_path):
+    """scripts/cpu_bench.sh times every implementation once per round; --merge makes one
+    row of each setting and path: the median of the rounds' medians."""
+    from fec_core import bench
+    paths = []
+    for i in range(3):
+        out = tmp_path / f"round{i}"
+        bench.run_cli(["--model", "fec_tiny", "--device", "cpu", "--batch-sizes", "2", "--resolutions", "32",
+                       "--modes", "infer", "--paths", "fast", "--iters", "2", "--warmup", "0", "--no-memory",
+                       "--no-plot", "--quiet", "--out-dir", str(out)])
+        paths.append(str(out / "bench.json"))
+    rounds = [json.loads(open(p).read())["results"][0] for p in paths]
+    merged = bench.run_cli(["--merge", *paths, "--out-dir", str(tmp_path / "all"), "--no-plot"])
+    (row,) = merged["results"]
+    assert row["round_latency_ms"] == [r["latency_ms"] for r in rounds]
+    assert row["latency_ms"] == sorted(row["round_latency_ms"])[1]
+    assert row["latency_ms_min"] == min(r["latency_ms_min"] for r in rounds)
+    assert row["times_ms"] == [t for r in rounds for t in r["times_ms"]]
+    assert abs(row["throughput"] - 2 / (row["latency_ms"] / 1e3)) < 1e-9
+    assert "3 rounds" in (tmp_path / "all" / "bench.md").read_text()

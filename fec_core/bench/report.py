@@ -2,19 +2,24 @@
 and the plot."""
 from __future__ import annotations
 
+import statistics
 import sys
 from typing import List, Optional
 
 from .settings import PATHS
 
-__all__ = ["merge_reports", "to_markdown", "plot"]
+__all__ = ["merge_reports", "combine_rounds", "to_markdown", "plot"]
 
 
 def merge_reports(reports: List[dict]) -> dict:
     """Join reports of several runs (say, ``fec_small`` and ``fec_large``, or inference and
     training) into one: ``meta`` of the first run with the device, torch version and
     date, ``meta['runs']`` every run's own ``meta`` (its command among them), and
-    all results, each naming its model."""
+    all results, each naming its model.
+
+    A setting and path measured in several runs (rounds of ``scripts/cpu_bench.sh``, which
+    time every implementation once per round, in turn, so that a machine that slows down
+    for a while slows all of them) becomes one row: :func:`combine_rounds`."""
     if not reports:
         raise ValueError("nothing to merge")
     devices = {r["meta"]["device_name"] for r in reports}
@@ -26,17 +31,41 @@ def merge_reports(reports: List[dict]) -> dict:
     meta["command"] = " ; ".join(str(r["meta"].get("command")) for r in reports)
     meta["model"] = ", ".join(dict.fromkeys(r["meta"]["model"] for r in reports))
     meta["iters"] = ", ".join(dict.fromkeys(str(r["meta"]["iters"]) for r in reports))
-    results = []
+    rows: dict = {}
     for r in reports:
         for row in r["results"]:
             row = dict(row)
             row.setdefault("model", r["meta"]["model"])
             row.setdefault("dense", r["meta"].get("dense", False))
-            results.append(row)
-    out = dict(meta=meta, results=results)
+            rows.setdefault(_key(row) + (row["path"],), []).append(row)
+    out = dict(meta=meta, results=[combine_rounds(same) for same in rows.values()])
     profiles = [p for r in reports for p in r.get("profiles", [])]
     if profiles:
         out["profiles"] = profiles
+    return out
+
+
+def combine_rounds(rows: List[dict]) -> dict:
+    """One row for a setting and path timed in several rounds: the median of the rounds'
+    medians (``latency_ms``, ``cpu_ms``; an odd number of rounds gives one of them), the
+    fastest iteration of all, the largest peak memory, every round's median in
+    ``round_latency_ms`` and every iteration in ``times_ms``. A single row is returned
+    as it is; any round that did not run makes the status that round's."""
+    if len(rows) == 1:
+        return rows[0]
+    bad = [r for r in rows if r["status"] != "ok"]
+    if bad:
+        return bad[0]
+    out = dict(rows[0])
+    out["round_latency_ms"] = [r["latency_ms"] for r in rows]
+    out["latency_ms"] = statistics.median(out["round_latency_ms"])
+    out["latency_ms_min"] = min(r["latency_ms_min"] for r in rows)
+    out["throughput"] = out["batch"] / (out["latency_ms"] / 1e3)
+    cpu = [r["cpu_ms"] for r in rows if r.get("cpu_ms") is not None]
+    out["cpu_ms"] = statistics.median(cpu) if cpu else None
+    mems = [r["peak_mem_bytes"] for r in rows if r.get("peak_mem_bytes") is not None]
+    out["peak_mem_bytes"] = max(mems) if mems else None
+    out["times_ms"] = [t for r in rows for t in r.get("times_ms", [])]
     return out
 
 
@@ -61,7 +90,7 @@ def to_markdown(report: dict) -> str:
     official = any(r["path"] == "official" for r in report["results"])
     lines = [f"Device: {meta['device_name']} ({meta['device']}), model `{meta['model']}`"
              f"{' (dense features)' if dense else ''}, torch {meta['torch']}, "
-             f"{meta['iters']} timed iterations, {meta['date']}.", "",
+             f"{meta['iters']} timed iterations, {meta['date']}.", *_rounds_line(report), "",
              "| model | mode | dtype | batch | resolution | path | latency (ms, median) | img/s | CPU time (ms) "
              "| peak memory (MiB) | speedup vs literal |" + (" speedup vs official |" if official else "")
              + " status |",
@@ -91,6 +120,13 @@ def to_markdown(report: dict) -> str:
     lines.append("")
     lines.append("Command: `" + str(meta.get("command")) + "`")
     return "\n".join(lines) + "\n"
+
+
+def _rounds_line(report: dict) -> List[str]:
+    rounds = {len(r["round_latency_ms"]) for r in report["results"] if r.get("round_latency_ms")}
+    if not rounds:
+        return []
+    return [f"Rows timed in {' or '.join(map(str, sorted(rounds)))} rounds: the median of the rounds' medians."]
 
 
 def plot(report: dict, path: Optional[str] = None):
