@@ -63,6 +63,7 @@ def _bmm_min() -> int:
         return 64
     return POINTWISE_BMM_MIN
 
+
 # FX: pointwise picks its form from the map's size, so a symbolic trace records it as one
 # call instead of tracing into it (as for the shape checks below).
 torch.fx.wrap("pointwise")

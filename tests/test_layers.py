@@ -74,3 +74,14 @@ def test_pointwise_is_a_1x1_convolution_on_both_sides_of_its_threshold(rows, col
                                  x.reshape(5, 12, -1))
             expect = flat.reshape(5, 20, rows, cols)
         assert torch.equal(pointwise(x, w, b), expect)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_scripted_pointwise_takes_the_same_branch():
+    """TorchScript reads no module globals, so layers._bmm_min repeats POINTWISE_BMM_MIN as a
+    literal: the scripted function must pick the same form (the same bits) on both sides."""
+    scripted = torch.jit.script(pointwise)
+    side = int(POINTWISE_BMM_MIN ** 0.5)
+    for rows, cols in ((side - 1, side), (side, side)):
+        x, w, b = torch.randn(3, 8, rows, cols), torch.randn(5, 8), torch.randn(5)
+        assert torch.equal(scripted(x, w, b), pointwise(x, w, b))
