@@ -2,7 +2,11 @@
 
 * ``_toc.yml`` lists exactly the notebooks in ``book/`` (and nothing that does not exist);
 * every notebook's first code cell is the Colab install cell, pointing at the repository set
-  in ``_config.yml`` (the one place the address is written);
+  in ``_config.yml`` (the one place the address is written) and at the release tag
+  ``v<version>`` of ``pyproject.toml`` (so an old page installs the library it was run with);
+* every number with a unit in a chapter's prose is glued from the cell that computes it or
+  names its source; every solution cell asserts something; live timings assert only
+  sanity bounds with 2x headroom to the worst value measured;
 * every ``{cite}`` key is in ``references.bib``;
 * (slow) every notebook, copied ALONE into an empty folder, executes once with ``fec_core``
   installed, as in Colab, writes no file next to itself, and reproduces its stored outputs by
@@ -67,6 +71,17 @@ def _toc_entries(toc_path: Path = ROOT / "_toc.yml") -> list:
     return [re.sub(r"\.(ipynb|md)$", "", e) for e in entries]
 
 
+def _version() -> str:
+    return re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+
+
+def test_library_version_is_the_release():
+    """fec_core.__version__ is pyproject.toml's version: the tag the chapters install."""
+    import fec_core
+
+    assert fec_core.__version__ == _version()
+
+
 def _first_code_cell(nb):
     return next(c for c in nb.cells if c.cell_type == "code")
 
@@ -123,10 +138,12 @@ def test_first_code_cell_is_the_colab_install_cell(path):
     lines = cell.source.strip().splitlines()
     assert lines[0] == INSTALL_COMMENT, f"{path.name}: first code cell is not the Colab install cell:\n{cell.source}"
     assert 'find_spec("google.colab")' in cell.source, "the install must only run in Colab"
-    m = re.search(r'%pip install -q "fec-core(?:\[[a-z,]+\])? @ git\+(\S+?)"', cell.source)  # [deploy]: ONNX
-    assert m, f"{path.name}: no `%pip install -q \"fec-core @ git+URL\"` in the first code cell"
+    m = re.search(r'%pip install -q "fec-core(?:\[[a-z,]+\])? @ git\+(\S+?)@v([^"]+)"', cell.source)
+    assert m, f"{path.name}: no `%pip install -q \"fec-core @ git+URL@vVERSION\"` in the first code cell"
     assert m.group(1) == _config()["repository"]["url"] + ".git", \
         f"{path.name} installs from {m.group(1)}, _config.yml says {_config()['repository']['url']}"
+    assert m.group(2) == _version(), (f"{path.name} installs v{m.group(2)}, pyproject.toml is at "
+                                      f"{_version()}: python scripts/bookbuild.py pin")
     assert not cell.outputs, f"{path.name}: the install cell printed something outside Colab: {cell.outputs}"
 
 
@@ -516,6 +533,213 @@ def test_figures_are_light_and_wide_enough(path):
             f"{path.name} cell {i}: a {mime} figure not stored by fec_core.figures.book_figures()"
         assert meta["min_panel_px"] == 0 or meta["min_panel_px"] >= MIN_PANEL_PX, \
             f"{path.name} cell {i}: a figure panel {meta['min_panel_px']} px wide on the page"
+
+
+# --------------------------------------------------------------------------- live timings
+# The rule for every live measurement (README, "Numbers that hold on every CPU"): a chapter
+# prints the reader's own number; an assert on a timing is a sanity bound `x > BOUNDS[k]`
+# (larger is better) or `x < BOUNDS[k]` (smaller is better) with at least 2x headroom to
+# WORST_MEASURED[k], the worst value measured on any machine and CPU configuration tried.
+TIMING_CALL = re.compile(r"perf_counter|process_time|time\.time\(|timeit|bench\.(run|main)\(")
+HEADROOM = 2.0
+
+
+def _literal_dicts(nb, name: str) -> dict:
+    """The dict literal (``dict(k=v)`` or ``{...}``) assigned to ``name`` in any code cell."""
+    import ast
+
+    found = {}
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        for node in ast.walk(ast.parse(_python(cell.source))):
+            if not isinstance(node, ast.Assign):
+                continue
+            pairs = []
+            for target, value in _assigned(node):
+                if isinstance(target, ast.Name) and target.id == name:
+                    pairs.append(value)
+            for value in pairs:
+                if isinstance(value, ast.Call) and getattr(value.func, "id", "") == "dict":
+                    found.update({kw.arg: ast.literal_eval(kw.value) for kw in value.keywords})
+                else:
+                    found.update(ast.literal_eval(value))
+    return found
+
+
+def _assigned(node):
+    """(target, value) pairs of an assignment, tuples unpacked (``a, b = x, y``)."""
+    import ast
+
+    for target in node.targets:
+        if isinstance(target, ast.Tuple) and isinstance(node.value, ast.Tuple):
+            yield from zip(target.elts, node.value.elts)
+        else:
+            yield target, node.value
+
+
+def _python(source: str) -> str:
+    """A cell's source without IPython magics (``%pip``, ``!cmd``), parseable by ast."""
+    return "\n".join(line[:len(line) - len(line.lstrip())] + "pass"
+                     if line.lstrip().startswith(("%", "!")) else line
+                     for line in source.splitlines())
+
+
+def _bound_asserts(source: str):
+    """(key, direction) of every ``assert x > BOUNDS[k]`` / ``assert x < BOUNDS[k]``,
+    direction '>' when larger is better; and the ordering comparisons of an assert with a
+    plain number (a tolerance written as ``1e-6`` is not one)."""
+    import ast
+
+    bounds, literals = [], []
+    for node in ast.walk(ast.parse(_python(source))):
+        if not isinstance(node, ast.Assert):
+            continue
+        for cmp in (n for n in ast.walk(node.test) if isinstance(n, ast.Compare)):
+            sides = [cmp.left, *cmp.comparators]
+            for (a, op, b) in zip(sides, cmp.ops, sides[1:]):
+                if not isinstance(op, (ast.Lt, ast.LtE, ast.Gt, ast.GtE)):
+                    continue
+                greater = isinstance(op, (ast.Gt, ast.GtE))
+                for side, larger_is_better in ((b, greater), (a, not greater)):
+                    if (isinstance(side, ast.Subscript) and getattr(side.value, "id", "") == "BOUNDS"
+                            and isinstance(side.slice, ast.Constant)):
+                        bounds.append((side.slice.value, ">" if larger_is_better else "<"))
+                    if (isinstance(side, ast.Constant) and isinstance(side.value, (int, float))
+                            and "e" not in ast.get_source_segment(_python(source), side).lower()):
+                        literals.append(ast.get_source_segment(_python(source), node)[:80])
+    return bounds, literals
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_live_timings_are_sanity_bounds(path):
+    """Cells that time something are tagged nbval-ignore-output and assert only sanity
+    bounds from BOUNDS, each with 2x headroom to WORST_MEASURED."""
+    nb = nbformat.read(path, as_version=4)
+    bounds, worst = _literal_dicts(nb, "BOUNDS"), _literal_dicts(nb, "WORST_MEASURED")
+    problems, used = [], set()
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != "code" or not TIMING_CALL.search(cell.source):
+            continue
+        if _cell_mode(cell) == "check":
+            problems.append(f"cell {i} times something but is not tagged nbval-ignore-output")
+        found, literals = _bound_asserts(cell.source)
+        problems += [f"cell {i} asserts a timing against a plain number: {a}" for a in literals]
+        used.update(found)
+    for i, cell in enumerate(nb.cells):   # a bound may be asserted after its timing cell
+        if cell.cell_type == "code" and "BOUNDS[" in cell.source:
+            used.update(_bound_asserts(cell.source)[0])
+    for key, direction in sorted(used):
+        if key not in bounds or key not in worst:
+            problems.append(f"BOUNDS[{key!r}] is asserted but BOUNDS / WORST_MEASURED lack it")
+            continue
+        room = worst[key] / bounds[key] if direction == ">" else bounds[key] / worst[key]
+        if room < HEADROOM:
+            problems.append(f"BOUNDS[{key!r}] = {bounds[key]} leaves {room:.2f}x headroom to the "
+                            f"worst measured {worst[key]} (at least {HEADROOM}x)")
+    unused = set(bounds) - {k for k, _ in used}
+    problems += [f"BOUNDS[{k!r}] is never asserted" for k in sorted(unused)]
+    assert not problems, f"{path.name}:\n  " + "\n  ".join(problems)
+
+
+def test_the_timing_rule_catches_tight_bounds():
+    """The parser behind the rule sees both directions, and a plain number."""
+    src = ("assert speed > BOUNDS['a']\nassert BOUNDS['b'] > t\nassert 1.5 < s\n"
+           "assert err < 1e-6\n%time x = 1")
+    bounds, literals = _bound_asserts(src)
+    assert sorted(bounds) == [("a", ">"), ("b", "<")]
+    assert literals == ["assert 1.5 < s"]
+
+
+# --------------------------------------------------------------------------- numbers in prose
+# Every number with a unit that the reader sees in a chapter's text is computed by the
+# chapter and glued in ({glue:text}`name`, myst-nb; fec_core.figures.glue), or names its
+# source in the same sentence. What counts as a source: a citation ({cite}`key`), a file
+# in backticks (`fec_core/results/cpu_bench.json`, `fpn_r50.py`), or one of SOURCE_WORDS
+# (the paper, its supplement and tables, the official code, a recorded run, the README).
+# Not numbers with a unit, and so never flagged: equation, chapter, exercise and stage
+# numbers, years, shapes (224 x 224, 32x32, $7 \times 7$), counts of things (30 epochs,
+# 4 heads), powers of two written as such, and anything inside code or math.
+UNIT = (r"(?:ms|s|sec|seconds?|min|minutes?|h|hours?|%|percent|[KMGT]i?B|kB|img/s|images/s|"
+        r"images per second|parameters|params|[KMGT]?MACs|[KMGT]?FLOPs?|TFLOP/s|GF/s|px|"
+        r"[xX×](?!\s*\d)|times (?:faster|slower|longer|shorter|larger|smaller|more|less|as|the))")
+NUMBER_WITH_UNIT = re.compile(r"(?<![\w.^{])(\d[\d,]*(?:\.\d+)?)(?:-|\s)?(?:to \d[\d,.]* ?)?"
+                              + UNIT + r"(?![\w/])")
+SUFFIXED = re.compile(r"(?<![\w.^{])\d+(?:\.\d+)?\s?[MGK](?= ?(?:parameters|params|MACs|FLOPs)|\b)(?!\w)")
+SOURCE_WORDS = re.compile(r"\bpaper\b|\bsupplement|\bTable\s+\d|\bofficial\b|\brecorded\b|"
+                          r"\bREADME\b|\bAlgorithm S1\b", re.I)
+SOURCE_FILE = re.compile(r"`[^`\s]*(?:/|\.(?:json|py|md|yml|yaml|txt|sh|pth))[^`\s]*`")
+
+
+def _prose_sentences(md: str):
+    """The sentences of a markdown cell, with code, math and glue roles taken out."""
+    md = _without_code_blocks(md)
+    md = re.sub(r"^\$\$.*?^\$\$", " ", md, flags=re.M | re.S)          # display math
+    md = re.sub(r"\{glue(?::\w+)?\}`[^`]*`", " GLUED ", md)                # glued numbers
+    md = re.sub(r"\{(?!cite)\w+(?::\w+)?\}`[^`]*`", " ", md)               # {doc}, {ref}, ...
+    md = re.sub(r"\$[^$]+\$", " ", md)                                     # inline math
+    for sentence in re.split(r"(?<=[.!?:;])\s+(?=[A-Z(*`])|\n\s*\n|\n(?=\s*(?:[-*|]|\d+\.)\s)", md):
+        yield sentence
+
+
+def _unsourced_numbers(md: str) -> list:
+    found = []
+    for sentence in _prose_sentences(md):
+        sourced = "{cite" in sentence or SOURCE_WORDS.search(sentence) or SOURCE_FILE.search(sentence)
+        text = re.sub(r"`[^`]*`", " ", sentence)                           # inline code
+        hits = [m.group(0) for m in NUMBER_WITH_UNIT.finditer(text)]
+        hits += [m.group(0) for m in SUFFIXED.finditer(text)]
+        if hits and not sourced:
+            found.append(f"{', '.join(hits)}: {' '.join(sentence.split())[:140]}")
+    return found
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_numbers_in_prose_are_computed_or_cited(path):
+    nb = nbformat.read(path, as_version=4)
+    found = [f"cell {i}: {hit}" for i, c in enumerate(nb.cells) if c.cell_type == "markdown"
+             for hit in _unsourced_numbers(c.source)]
+    assert not found, (f"{path.name}: {len(found)} numbers with a unit neither glued nor "
+                       "next to a source:\n  " + "\n  ".join(found))
+
+
+def test_number_lint_flags_and_passes_what_it_should():
+    flagged = ["It takes 41 s here.", "up to 30 times longer on a strided axis.",
+               "about 20 percent of the time.", "it needs 64 GiB.", "2.5x faster.",
+               "a 5.5M-parameter model.", "at 1.3 GMACs per image.", "10% faster."]
+    passing = ["Eq. 5 and chapter 12 (2024).", "a 224 x 224 image, 32x32 digits.",
+               "30 epochs of 4 heads.", "it takes {glue:text}`t:.1f` s.",
+               "the paper reports 5.5M parameters {cite}`chen2024fec`.",
+               "The official code takes 813 ms.", "`cpu_bench.json` has 319 ms.",
+               "a $7 \\times 7$ grid and `_CPU_TILE = 2**20`.", "stages 1 to 4, Algorithm S1."]
+    for text in flagged:
+        assert _unsourced_numbers(text), text
+    for text in passing:
+        assert not _unsourced_numbers(text), (text, _unsourced_numbers(text))
+
+
+# --------------------------------------------------------------------------- solutions that test
+def _asserts_something(source: str) -> bool:
+    """An ``assert`` statement, or a call of an ``assert...`` function
+    (``torch.testing.assert_close``, ``assert_assignments_close``, ...)."""
+    import ast
+
+    for node in ast.walk(ast.parse(_python(source))):
+        if isinstance(node, ast.Assert):
+            return True
+        if isinstance(node, ast.Call):
+            name = getattr(node.func, "attr", getattr(node.func, "id", ""))
+            if name.startswith("assert"):
+                return True
+    return False
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_solution_asserts_something(path):
+    nb = nbformat.read(path, as_version=4)
+    silent = [c.source.splitlines()[0] for c in nb.cells
+              if "solution" in c.metadata.get("tags", []) and not _asserts_something(c.source)]
+    assert not silent, f"{path.name}: solution cells that assert nothing: {silent}"
 
 
 def test_notebooks_together_are_light():

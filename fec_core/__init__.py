@@ -35,7 +35,7 @@ from .model import (FEC, SETTINGS, VARIANTS, ClusterRecord, checkpoint_filter_fn
                     fec_base_seg, fec_large, fec_large_det, fec_large_seg, fec_small, fec_small_det,
                     fec_small_seg, fec_tiny)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the same as pyproject.toml (book/test_book.py checks)
 
 
 def create_model(name: str = "fec_small", **kwargs) -> FEC:

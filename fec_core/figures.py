@@ -1,4 +1,4 @@
-"""Light and sharp figures for the book's pages (every chapter's setup cell, chapter 1).
+"""What the book's pages show besides code: light, sharp figures and glued numbers.
 
 :func:`book_figures` makes Jupyter store each matplotlib figure in the smallest
 format that keeps it sharp, so that the chapters (stored with their outputs) stay
@@ -17,13 +17,16 @@ only sets the resolution.
 
 :func:`gallery` draws many small images (digits, shapes, label maps) as ONE image in one
 axes, so that a gallery is one wide panel on the page instead of dozens of narrow ones.
+
+:func:`glue` records a number that a cell computed for the chapter's prose (myst-nb's
+``{glue:text}`` role), so that the text shows what the code gave on the machine that ran it.
 """
 from __future__ import annotations
 
 import io
 from typing import Optional, Tuple
 
-__all__ = ["book_figures", "encode_figure", "gallery", "PAGE_WIDTH", "min_panel_width"]
+__all__ = ["book_figures", "encode_figure", "gallery", "glue", "PAGE_WIDTH", "min_panel_width"]
 
 #: Width in pixels of the website's text column; wider images are shown scaled down to it.
 PAGE_WIDTH = 800
@@ -152,3 +155,41 @@ def gallery(ax, images, ncols: int, titles=None, row_labels=None, pad: float = 0
         ax.text(-gap, r * (h + gap) + h / 2, label, ha="right", va="center",
                 rotation=90, fontsize=fontsize + 1)
     return offsets
+
+
+#: The prefix myst-nb gives to the data of a glued value that is not displayed.
+GLUE_PREFIX = "application/papermill.record/"
+
+
+def glue(name: str, value, display: bool = False):
+    """Record ``value`` under ``name`` for the chapter's prose and return it.
+
+    A markdown cell then writes ``{glue:text}`name:.2f``` and the site shows the number
+    as this run computed it. numpy and torch scalars are stored as plain Python numbers
+    (their ``repr`` would not parse as one). With myst-nb installed this is
+    ``myst_nb.glue``; without it (Colab has no Sphinx, and installing it to print a
+    number would be heavy) the same output is written with IPython's own display, which
+    is all myst-nb's does. Outside IPython it only returns ``value``.
+    """
+    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
+        value = value.item()    # numpy / torch scalar -> int, float or bool
+    try:
+        from myst_nb import glue as myst_glue
+    except ImportError:
+        myst_glue = None
+    if myst_glue is not None:
+        myst_glue(name, value, display=display)
+        return value
+    try:
+        from IPython import get_ipython
+        from IPython.core.formatters import format_display_data
+        from IPython.display import display as ipy_display
+    except ImportError:
+        return value
+    if get_ipython() is None:
+        return value
+    bundle, metadata = format_display_data(value)
+    prefix = "" if display else GLUE_PREFIX
+    metadata["scrapbook"] = dict(name=name, mime_prefix=prefix)
+    ipy_display({prefix + k: v for k, v in bundle.items()}, raw=True, metadata=metadata)
+    return value

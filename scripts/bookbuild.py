@@ -4,6 +4,7 @@
     python scripts/bookbuild.py clean book/*.ipynb               # strip execution counts / volatile metadata
     python scripts/bookbuild.py build [--execute]                 # build the site (stored or fresh outputs)
     python scripts/bookbuild.py build --out /tmp/site --toc /tmp/toc.yml   # elsewhere, other chapters
+    python scripts/bookbuild.py pin                                # Colab install cells -> this version
 
 ``build --execute`` (the README's ``make book``) copies the book to ``_build/src``,
 executes every chapter there and builds the site from that copy, so the working
@@ -63,19 +64,77 @@ def _merged_streams(outputs: list) -> list:
     return merged
 
 
-def execute_notebook(path: Path, timeout: int = 900, cwd: Path | None = None) -> float:
-    """Execute ``path`` in place (in a fresh kernel, working directory ``cwd`` or its folder),
-    clean it and save it. Returns the seconds it took."""
+def execute_notebook(path: Path, timeout: int = 900, cwd: Path | None = None,
+                     progress=None, save_failed: bool = False) -> dict:
+    """Execute ``path`` in place (a fresh kernel, working directory ``cwd`` or its folder),
+    clean it and save it. ``progress``: a queue that receives the chapter's name after
+    every executed code cell. A chapter that fails is left as it was, unless
+    ``save_failed`` (the site build's copies).
+
+    Returns ``{"seconds": ..., "failure": None}``, or with ``failure`` a dict naming the
+    failing cell (``cell``: its number among the code cells, ``line``: its first line,
+    ``error``: the exception's last line). With ``save_failed`` a failed chapter is saved
+    as far as it ran, with the error output in its cell, the later cells' outputs removed
+    and a note at the top, so that its page on the site says what failed.
+    """
     import nbformat
     from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
 
     nb = nbformat.read(path, as_version=4)
+    failed = {}
+
+    def on_error(cell, cell_index, execute_reply):
+        content = execute_reply["content"]
+        failed.update(index=cell_index, error=f"{content.get('ename')}: {content.get('evalue')}")
+
+    def on_done(**_):
+        if progress is not None:
+            progress.put(path.name)
+
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                            resources={"metadata": {"path": str(cwd or path.parent)}},
+                            on_cell_error=on_error, on_cell_executed=on_done)
     t = time.time()
-    NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                   resources={"metadata": {"path": str(cwd or path.parent)}}).execute()
-    clean_notebook(nb)
-    nbformat.write(nb, path)
-    return time.time() - t
+    try:
+        client.execute()
+    except CellExecutionError:
+        pass  # recorded by on_error
+    except Exception as err:  # noqa: BLE001 - a timeout or a dead kernel fails the chapter too
+        failed.setdefault("index", _running_cell(nb))
+        failed.setdefault("error", f"{type(err).__name__}: {str(err).strip().splitlines()[-1:]}")
+    failure = _mark_failure(nb, failed) if failed else None
+    if failure is None or save_failed:
+        clean_notebook(nb)
+        nbformat.write(nb, path)
+    return {"seconds": time.time() - t, "failure": failure}
+
+
+def _running_cell(nb) -> int:
+    """Index of the last code cell that has outputs or an execution count (where a timeout
+    or a dead kernel stopped the run), 0 if none."""
+    ran = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and c.get("outputs")]
+    return ran[-1] if ran else 0
+
+
+def _mark_failure(nb, failed: dict) -> dict:
+    """Remove the outputs after the failing cell, put a note at the top; return the failure."""
+    import nbformat
+
+    index = failed["index"]
+    code = [i for i, c in enumerate(nb.cells) if c.cell_type == "code"]
+    number = code.index(index) + 1 if index in code else 0
+    first = nb.cells[index].source.strip().splitlines()[:1] if index < len(nb.cells) else []
+    for cell in nb.cells[index + 1:]:
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
+    error = failed["error"].strip().splitlines()[-1] if failed["error"].strip() else "error"
+    note = nbformat.v4.new_markdown_cell(
+        f":::{{warning}}\nThis chapter stopped at code cell {number} when it was executed for "
+        f"this build: `{error}`. The outputs below that cell are missing.\n:::")
+    title = 1 if nb.cells and nb.cells[0].cell_type == "markdown" else 0
+    nb.cells.insert(title, note)
+    return {"cell": number, "line": first[0] if first else "", "error": error}
 
 
 def _one_thread_kernels() -> None:
@@ -85,30 +144,85 @@ def _one_thread_kernels() -> None:
     os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 
-def execute_all(notebooks: List[Path], workers: int | None = None) -> None:
+def execute_all(notebooks: List[Path], workers: int | None = None) -> List[str]:
     """Execute ``notebooks`` in place, one kernel per CPU core at a time (at most 4), the
-    later (longer, training) chapters first; a progress bar counts finished chapters.
-    A failing chapter stops the build with its name and error."""
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    later (longer, training) chapters first. A progress bar counts executed code cells of
+    all chapters, so it moves while the long chapters run; a line is printed as each
+    chapter finishes. A failing chapter does not stop the others: returns one line per
+    failed chapter (chapter, cell, error), empty when all ran."""
+    import multiprocessing
+    import queue
+    from concurrent.futures import ProcessPoolExecutor
 
+    import nbformat
     from tqdm.auto import tqdm
 
     workers = workers or max(1, min(os.cpu_count() or 1, 4, len(notebooks)))
     order = sorted(notebooks, key=lambda p: p.name, reverse=True)
-    bar = tqdm(total=len(order), desc=f"executing chapters ({workers} at a time)", unit="chapter")
-    with ProcessPoolExecutor(workers, initializer=_one_thread_kernels if workers > 1 else None) as pool:
-        futures = {pool.submit(execute_notebook, nb): nb for nb in order}
-        for done in as_completed(futures):
-            nb = futures[done]
+    cells = sum(sum(c.cell_type == "code" for c in nbformat.read(p, as_version=4).cells)
+                for p in order)
+    failures: List[str] = []
+    bar = tqdm(total=cells, unit="cell", dynamic_ncols=True,
+               desc=f"executing {len(order)} chapters ({workers} at a time)")
+    with multiprocessing.Manager() as manager, ProcessPoolExecutor(
+            workers, initializer=_one_thread_kernels if workers > 1 else None) as pool:
+        progress = manager.Queue()
+        pending = {pool.submit(execute_notebook, nb, progress=progress, save_failed=True): nb for nb in order}
+        finished = 0
+        while pending:
             try:
-                seconds = done.result()
-            except Exception as err:  # noqa: BLE001 - name the chapter, stop the build
-                for f in futures:
-                    f.cancel()
-                raise RuntimeError(f"{nb.name} failed: {type(err).__name__}: {str(err)[-2000:]}") from None
-            bar.set_postfix_str(f"{nb.name} {seconds:.0f} s")
-            bar.update(1)
+                progress.get(timeout=1.0)
+                bar.update(1)
+                continue
+            except queue.Empty:
+                pass
+            for future in [f for f in pending if f.done()]:
+                nb = pending.pop(future)
+                finished += 1
+                try:
+                    result = future.result()
+                except Exception as err:  # noqa: BLE001 - the worker itself broke
+                    result = {"seconds": 0, "failure": {"cell": 0, "line": "",
+                                                        "error": f"{type(err).__name__}: {err}"}}
+                failure = result["failure"]
+                status = "ok" if failure is None else f"FAILED at code cell {failure['cell']}"
+                bar.write(f"[{finished}/{len(order)}] {nb.name}: {status} "
+                          f"({result['seconds']:.0f} s)")
+                if failure is not None:
+                    failures.append(f"{nb.name}, code cell {failure['cell']} "
+                                    f"({failure['line'][:60]}): {failure['error'][:300]}")
+            bar.set_postfix_str(f"{finished}/{len(order)} chapters done")
     bar.close()
+    return failures
+
+
+INSTALL_LINE = re.compile(r'(%pip install -q "fec-core(?:\[[a-z,]+\])? @ git\+)[^"]*(")')
+
+
+def release() -> tuple:
+    """``(repository url, version)``: the repository from ``_config.yml``, the version from
+    ``pyproject.toml``. A release of the book is the git tag ``v<version>``, and every
+    chapter's Colab install cell installs exactly that tag."""
+    import yaml
+
+    url = yaml.safe_load((ROOT / "_config.yml").read_text())["repository"]["url"]
+    version = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+    return url, version
+
+
+def pin(notebooks: Iterable[Path]) -> None:
+    """Point every chapter's Colab install line at ``<repository>.git@v<version>``."""
+    import nbformat
+
+    url, version = release()
+    for path in notebooks:
+        nb = nbformat.read(path, as_version=4)
+        cell = next(c for c in nb.cells if c.cell_type == "code")
+        new = INSTALL_LINE.sub(lambda m: f"{m.group(1)}{url}.git@v{version}{m.group(2)}", cell.source)
+        if new != cell.source:
+            cell.source = new
+            nbformat.write(nb, path)
+            print(f"{path.name}: installs v{version}")
 
 
 def chapters(book_dir: Path) -> List[Path]:
@@ -121,8 +235,10 @@ def build(execute: bool = False, out: Path | None = None, warnings_as_errors: bo
     with ``execute`` from freshly executed copies. ``toc``: another table of contents
     (e.g. a subset of the chapters while others are being written). Warnings are errors
     unless ``warnings_as_errors=False``. Returns the html folder; raises
-    ``RuntimeError`` when jupyter-book fails."""
+    ``RuntimeError`` when jupyter-book fails, or after building the site when a chapter
+    failed to execute (naming each: chapter, cell, error)."""
     src = ROOT
+    failures: List[str] = []
     out = Path(out).resolve() if out is not None else ROOT
     if toc is not None:
         toc = Path(toc).resolve()
@@ -140,7 +256,8 @@ def build(execute: bool = False, out: Path | None = None, warnings_as_errors: bo
             elif p.exists():
                 shutil.copy(p, src / name)
         wanted = None if toc is None else _toc_files(toc)
-        execute_all([nb for nb in chapters(src / "book") if wanted is None or f"book/{nb.stem}" in wanted])
+        failures = execute_all([nb for nb in chapters(src / "book")
+                                if wanted is None or f"book/{nb.stem}" in wanted])
     jb = Path(sys.executable).parent / "jupyter-book"
     cmd = [str(jb) if jb.exists() else "jupyter-book", "build", str(src), "--path-output", str(out)]
     if toc is not None:
@@ -154,6 +271,9 @@ def build(execute: bool = False, out: Path | None = None, warnings_as_errors: bo
                            f"{'warnings are errors, ' if warnings_as_errors else ''}see its output above")
     html = out / "_build" / "html"
     print(f"site built: {html / 'index.html'}")
+    if failures:
+        raise RuntimeError(f"{len(failures)} chapter(s) failed (their pages show the failing "
+                           "cell; the others were built):\n  " + "\n  ".join(failures))
     return html
 
 
@@ -194,10 +314,21 @@ def main(argv: Iterable[str] | None = None) -> None:
     b.add_argument("--out", type=Path, default=None,
                    help="build into OUT/_build/html (default: the repository root)")
     b.add_argument("--toc", type=Path, default=None, help="use another table of contents than _toc.yml")
+    sub.add_parser("pin", help="point the chapters' Colab install cells at this version's tag")
     args = p.parse_args(list(argv) if argv is not None else None)
     if args.cmd == "execute":
+        failed = False
         for nb in args.notebooks:
-            print(f"{nb}: {execute_notebook(nb):.1f} s", flush=True)
+            result = execute_notebook(nb)
+            failure = result["failure"]
+            failed |= failure is not None
+            print(f"{nb}: {result['seconds']:.1f} s" + ("" if failure is None else
+                  f", FAILED at code cell {failure['cell']} ({failure['line'][:60]}): "
+                  f"{failure['error']} (the file is left as it was)"), flush=True)
+        if failed:
+            sys.exit(1)
+    elif args.cmd == "pin":
+        pin(chapters(ROOT / "book"))
     elif args.cmd == "clean":
         import nbformat
 
