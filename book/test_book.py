@@ -305,8 +305,16 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    """Build the site from the stored outputs (warnings are errors) and serve it on 127.0.0.1."""
+    """Build the site from the stored outputs (warnings are errors) and serve it on 127.0.0.1.
+    With FEC_BOOK_HTML set (``.ci/run``, after ``python3 dev.py book``), serve that freshly
+    executed and built site instead of building another."""
     _ensure_browser()
+    built = os.environ.get("FEC_BOOK_HTML")
+    if built:
+        html = Path(built).resolve()
+        assert (html / "index.html").is_file(), f"FEC_BOOK_HTML={built} holds no index.html"
+        yield from _serve(html)
+        return
     out = tmp_path_factory.mktemp("site")
     env = dict(os.environ, PYDEVD_DISABLE_FILE_VALIDATION="1")
     cmd = [sys.executable, str(ROOT / "scripts" / "bookbuild.py"), "build", "--out", str(out)]
@@ -317,6 +325,10 @@ def site(tmp_path_factory):
         pytest.fail(f"the site build failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-6000:]}")
     html = out / "_build" / "html"
     assert (html / "index.html").is_file()
+    yield from _serve(html)
+
+
+def _serve(html: Path):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(html)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
