@@ -108,8 +108,12 @@ def _unsafe_globals(path: str, e: BaseException) -> List[str]:
 
 
 def _allowing_safe_globals():
-    if hasattr(torch.serialization, "safe_globals"):  # torch >= 2.5
+    """:data:`SAFE_GLOBALS` allowed for ``weights_only=True`` (in a block with torch >= 2.5, for
+    the process with 2.4; older versions allow no extra class)."""
+    if hasattr(torch.serialization, "safe_globals"):
         return torch.serialization.safe_globals(list(SAFE_GLOBALS))
+    if hasattr(torch.serialization, "add_safe_globals"):
+        torch.serialization.add_safe_globals(list(SAFE_GLOBALS))
     return contextlib.nullcontext()
 
 

@@ -190,6 +190,14 @@ def test_an_interrupt_hidden_by_torch_save_stays_an_interrupt(tmp_path):
 
 
 # ----------------------------------------------------------------------------- SIGTERM
+def _send_sigterm_if_caught(times=1):
+    """SIGTERM to this process, only when fec_core has its handler in place (else the signal
+    would end the whole test session instead of failing this test)."""
+    assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL, "SIGTERM is not handled here"
+    for _ in range(times):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _sigterm_is_default():
     if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         pytest.skip("SIGTERM has a handler in this process (it would not be fec_core's to catch)")
@@ -199,18 +207,24 @@ def _sigterm_is_default():
 def test_sigterm_during_a_checkpoint_write_lets_the_write_finish(tmp_path):
     """SIGTERM as Ctrl-C: the file being written is completed, then Terminated (a
     KeyboardInterrupt) is raised; the handler is Python's default again afterwards."""
-    from fec_core.train.runfiles import _write_atomic
+    from fec_core.train.runfiles import _write_atomic, atomic_save
 
     _sigterm_is_default()
     state = {"w": torch.arange(100_000.0)}
 
-    def terminated_save(f):
-        os.kill(os.getpid(), signal.SIGTERM)
+    def terminated_save(f, times):
+        _send_sigterm_if_caught(times)
         torch.save(state, f)
 
     with pytest.raises(Terminated):
-        _write_atomic(str(tmp_path / "one.pt"), terminated_save)
+        _write_atomic(str(tmp_path / "one.pt"), lambda f: terminated_save(f, 1))
     assert torch.equal(torch.load(tmp_path / "one.pt", weights_only=True)["w"], state["w"])
+    # a second SIGTERM stops at once: the previous version stays, no partial file
+    atomic_save({"old": 1}, str(tmp_path / "two.pt"))
+    with pytest.raises(Terminated):
+        _write_atomic(str(tmp_path / "two.pt"), lambda f: terminated_save(f, 2))
+    assert torch.load(tmp_path / "two.pt", weights_only=True) == {"old": 1}
+    assert sorted(os.listdir(tmp_path)) == ["one.pt", "two.pt"]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and issubclass(Terminated, KeyboardInterrupt)
 
 
@@ -226,7 +240,7 @@ class SignallingDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         self.calls += 1
         if self.calls == self.at:
-            os.kill(os.getpid(), signal.SIGTERM)
+            _send_sigterm_if_caught()
         return self.base[i]
 
 
