@@ -93,8 +93,13 @@ def _is_safetensors(path: str) -> bool:
 
 
 def _first_sentence(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text.split(". ")[0].rstrip(".")
+    """The first sentence of ``e``'s message, on one line (torch's run on for a paragraph)."""
+    return " ".join(str(e).split()).split(". ")[0].rstrip(".")
+
+
+def _reason(e: BaseException) -> str:
+    text = _first_sentence(e)
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def _unsafe_globals(path: str, e: BaseException) -> List[str]:
@@ -129,6 +134,8 @@ def read_file(path: Union[str, os.PathLike], trust: bool = False) -> Any:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"cannot read checkpoint {path}: the file is empty")
     if _is_safetensors(path):
         from safetensors.torch import load_file  # a dependency of timm
 
@@ -143,19 +150,26 @@ def read_file(path: Union[str, os.PathLike], trust: bool = False) -> Any:
     except Exception as e:
         if "weights only load failed" not in str(e).lower():  # truncated, not a torch file, ...
             raise CheckpointError(f"cannot read checkpoint {path}: it is corrupt, truncated or not a PyTorch file "
-                                  f"({type(e).__name__}: {_first_sentence(e)})") from e
-        needs = ", ".join(_unsafe_globals(path, e)) or "more than tensors and plain values"
+                                  f"({_reason(e)})") from e
+        globals_, refusal = _unsafe_globals(path, e), e
+    needs = ", ".join(globals_) or "more than tensors and plain values"
     if not (trust or _TRUST.get()):
-        raise CheckpointError(f"refusing to unpickle {path}: it needs {needs}, which is not a tensor, number, "
-                              f"string or container of them, and unpickling it could run code; if you trust "
-                              f"the file's source, load it with trust=True (Python) or --trust-checkpoint "
-                              f"(command line)")
+        if not globals_:
+            found = re.search(r"WeightsUnpickler error: ([^\n]*?)(?:\.\s|\n|$)", str(refusal))
+            what = f"more than tensors and plain values ({found.group(1) if found else _reason(refusal)})"
+        elif len(globals_) == 1:
+            what = f"{needs}, which is not a tensor, number, string or container of them"
+        else:
+            what = f"{needs}, which are not tensors, numbers, strings or containers of them"
+        raise CheckpointError(f"refusing to unpickle {path}: it needs {what}, and unpickling it could run code; "
+                              f"if you trust the file's source, load it with trust=True (Python) or "
+                              f"--trust-checkpoint (command line)")
     warnings.warn(f"{path} needs {needs}: unpickled in full because it is trusted (this runs any code the "
                   f"file carries)", stacklevel=2)
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise CheckpointError(f"cannot read checkpoint {path} ({type(e).__name__}: {_first_sentence(e)})") from e
+        raise CheckpointError(f"cannot read checkpoint {path} ({_reason(e)})") from e
 
 
 def _read(source: Union[str, os.PathLike, Mapping], use_ema: bool,

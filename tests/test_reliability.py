@@ -289,7 +289,7 @@ def _same_run(a, b):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-DIGITS = ["--dataset", "digits", "--epochs", "4", "--no-progress"]
+DIGITS = ["--dataset", "digits", "--epochs", "3", "--no-progress"]
 
 
 @pytest.mark.slow
@@ -306,7 +306,7 @@ def test_sigterm_mid_epoch_says_where_and_the_printed_command_continues_exactly(
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143 and no_traceback(err), err[-2000:]
     saved = torch.load(out / "latest.pt", weights_only=True)["epoch"]
-    assert 1 <= saved < 4
+    assert 1 <= saved < 3
     line = err.strip()
     assert "\n" not in line and line.startswith(f"interrupted by SIGTERM during epoch {saved + 1}: ")
     assert f"epoch {saved} is the last one saved, in {out / 'latest.pt'}; continue with: python -m " \
@@ -326,7 +326,7 @@ def test_sigterm_to_torchrun_stops_every_rank_and_rank_0_says_how_to_resume(tmp_
     torchrun command, no traceback from fec_core; that command ends as an uninterrupted
     two-process run, bit for bit."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-                "fec_core.train", *DIGITS, "--device", "cpu", "--epochs", "3"]
+                "fec_core.train", *DIGITS, "--device", "cpu"]
     ref, out = tmp_path / "ref", tmp_path / "run"
     done = subprocess.run([*torchrun, "--output-dir", str(ref)], capture_output=True, text=True, env=ENV, cwd=ROOT,
                           timeout=600)

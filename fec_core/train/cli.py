@@ -17,13 +17,13 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from ..cliutil import DEBUG_HELP, one_line, print_error
 from .build import build_datasets, build_model
 from .config import PRESETS, TrainConfig
 from .curves import plot_history
 from .distributed import Shard, amp_dtype_for, init_distributed, resolve_device
 from .evaluation import evaluate
 from .loop import fit
-from ..cliutil import DEBUG_HELP, one_line, print_error
 from .runfiles import SAFETENSORS, SaveError, Terminated, load_model_state, read_training_checkpoint, saved_epoch
 
 __all__ = ["main"]
@@ -214,9 +214,9 @@ def _main(ns: Dict[str, Any], evaluate_only: bool, progress: bool, debug: bool =
             curves = f" (no curves.png: {e})"
         last = result.history[-1] if result.history else {}
         print(f"final: " + ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k != "epoch"))
-        tensors = f", {SAFETENSORS} (its weights)" if os.path.exists(os.path.join(result.output_dir, SAFETENSORS)) else ""
-        print(f"saved in {result.output_dir}: latest.pt, best.pt (epoch {result.best_epoch}){tensors}, metrics.jsonl, "
-              f"config.json{curves}")
+        weights = os.path.exists(os.path.join(result.output_dir, SAFETENSORS))
+        print(f"saved in {result.output_dir}: latest.pt, best.pt (epoch {result.best_epoch})"
+              f"{f', {SAFETENSORS} (its weights)' if weights else ''}, metrics.jsonl, config.json{curves}")
     return 0
 
 
