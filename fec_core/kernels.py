@@ -31,9 +31,10 @@ import torch
 
 from .config import HAS_TRITON, INTERPRET  # re-exported
 from .config import kernel_mode as mode, set_kernel_mode as set_mode  # re-exported
+from .kernels_encode import fused_encode, use_encode_kernel  # re-exported: the encode kernel
 
 __all__ = ["HAS_TRITON", "INTERPRET", "mode", "set_mode", "use_kernel", "cosine_argmax",
-           "cosine_argmax_reference"]
+           "cosine_argmax_reference", "fused_encode", "use_encode_kernel"]
 
 if HAS_TRITON:  # fec_core.config detected it
     import triton
