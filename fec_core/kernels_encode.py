@@ -74,7 +74,6 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: block each); larger layers take the PyTorch path.
 MAX_CHANNELS = 128
 MAX_CENTERS = 128
-_EPS = 1e-12  # the norm's clamp, as in fec_core.clustering.unit
 
 
 def use_encode_kernel(keys: torch.Tensor, values: torch.Tensor, num_centers: int,
@@ -296,8 +295,8 @@ if HAS_TRITON:
         raw = tl.sqrt(tl.sum(x * x, axis=0))
         proj = tl.where(raw >= 1e-12, tl.sum(u * du, axis=0), 0.0)
         dx = (du - u * proj[None, :]) / norm[None, :]
-        tl.store(dx_ptr + b * C * N + offs_c[:, None] * N + offs_n[None, :], _round(dx, dx_ptr.dtype.element_ty).to(dx_ptr.dtype.element_ty),
-                 mask=c_mask)
+        dx_ty = dx_ptr.dtype.element_ty
+        tl.store(dx_ptr + b * C * N + offs_c[:, None] * N + offs_n[None, :], _round(dx, dx_ty).to(dx_ty), mask=c_mask)
 
 
 _FWD_BLOCK_N = 128  # points per program, forward

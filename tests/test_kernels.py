@@ -136,16 +136,20 @@ _ENCODE_SCRIPT = textwrap.dedent(r"""
     # 100 centers (the segmentation setting), one center, fewer points than a block
     SHAPES = [(3, 12, 10, 12, 10, (3, 2)), (6, 24, 20, 20, 16, (4, 4)), (2, 32, 32, 20, 20, (10, 10)),
               (2, 8, 6, 3, 5, (1, 1))]
-    CASES = ((torch.float32, None), (torch.float16, None), (torch.bfloat16, None), (torch.float32, torch.bfloat16))
+    # (inputs, autocast, alpha and beta): the model's float32 gate under half inputs and
+    # autocast, and a model cast to half as a whole (the gate in half as well)
+    CASES = ((torch.float32, None, torch.float32), (torch.float16, None, torch.float32),
+             (torch.bfloat16, None, torch.float32), (torch.float32, torch.bfloat16, torch.float32),
+             (torch.bfloat16, None, torch.bfloat16), (torch.float16, None, torch.float16))
     for i, (bs, c, d, rows, cols, grid) in enumerate(SHAPES):
         k, v = torch.randn(bs, c, rows, cols), torch.randn(bs, d, rows, cols)
         for alpha, beta in ((1.7, -0.4), (-3.0, 0.5), (40.0, 0.0)):  # < 0: least similar wins; 40: saturated
-            a, b = torch.tensor([alpha]), torch.tensor([beta])
-            for dt, amp in CASES if i < 2 else CASES[::3]:  # the interpreter is slow: fewer on big shapes
+            for dt, amp, pt in CASES if i < 2 else CASES[::3]:  # the interpreter is slow: fewer on big shapes
+                a, b = torch.tensor([alpha], dtype=pt), torch.tensor([beta], dtype=pt)
                 kk, vv = k.to(dt), v.to(dt)
                 ok, jk, gk = encode(kk, vv, a, b, grid, "on", amp)
                 ot, jt, gt = encode(kk, vv, a, b, grid, "off", amp)
-                what = f"{(bs, c, d, rows, cols, grid)} alpha {alpha} {dt} autocast {amp}"
+                what = f"{(bs, c, d, rows, cols, grid)} alpha {alpha} {dt} autocast {amp} gate {pt}"
                 assert ok.dtype == ot.dtype and jk.dtype == torch.int64, what
                 assert all(x.dtype == y.dtype for x, y in zip(gk, gt)), what
                 sc = scores(kk.to(amp) if amp else kk, a, b, grid)
