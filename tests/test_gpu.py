@@ -312,9 +312,9 @@ def test_fast_path_uses_the_kernel_here():
 
 # ----------------------------------------------------------------------------- fused encode kernel
 #: (batch, key channels, value channels, rows, cols, grid): fec_small's first and last stages
-#: at 224 px (16 and 4 centers), the segmentation (100) and detection (49) settings
-ENCODE_SHAPES = ([(64, 24, 24, 56, 56, (4, 4)), (256, 24, 24, 7, 7, (2, 2)), (4, 32, 32, 40, 40, (10, 10)),
-                  (8, 32, 32, 49, 35, (7, 7))] if ON_CUDA else [(3, 12, 10, 12, 10, (3, 2))])
+#: at 224 px (16 and 4 centers), the segmentation setting (100 centers)
+ENCODE_SHAPES = ([(64, 24, 24, 56, 56, (4, 4)), (256, 24, 24, 7, 7, (2, 2)), (4, 32, 32, 40, 40, (10, 10))]
+                 if ON_CUDA else [(3, 12, 10, 12, 10, (3, 2))])
 ENCODE_CASES = [(torch.float32, None), (torch.float16, None), (torch.bfloat16, None), (torch.float32, torch.bfloat16)]
 
 
