@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fec_core.clustering as cl
-from fec_core import kernels
+from fec_core import kernels, kernels_encode
 
 _INTERPRET_SCRIPT = textwrap.dedent(r"""
     import torch, torch.nn.functional as F
@@ -260,7 +260,7 @@ def test_encode_kernel_switch_and_fallback():
         if kernels.HAS_TRITON:
             kernels.set_mode("on")
             assert kernels.use_encode_kernel(k, v, 4, a, b) == kernels.INTERPRET
-            assert not kernels.use_encode_kernel(k, v, kernels.MAX_CENTERS + 1, a, b)  # too many centers
+            assert not kernels.use_encode_kernel(k, v, kernels_encode.MAX_CENTERS + 1, a, b)  # too many centers
             assert not kernels.use_encode_kernel(k.double(), v.double(), 4, a, b)
             assert not kernels.use_encode_kernel(k, v, 4, torch.ones(2), b)  # alpha per channel: not scalar
             if not kernels.INTERPRET:
