@@ -32,7 +32,9 @@ internals: the layer functions call :func:`aggregate` and :func:`dispatch` with
 the scatter and the gather read and write contiguous rows and the output needs no
 transpose copy, and the pooling assignment runs over tiles with a running maximum
 (:func:`assign_nearest`; on CUDA a fused Triton kernel, :mod:`fec_core.kernels`),
-so that its memory grows linearly with the number of pixels.
+so that its memory grows linearly with the number of pixels. On CUDA the encode step after
+the center pooling runs as one fused Triton kernel too (:func:`fec_core.kernels.fused_encode`:
+the same equations, forward and backward).
 
 Shapes: ``B`` batch (times heads and fold regions), ``N`` points, ``M`` centers,
 ``C`` key channels, ``D`` value channels. Feature maps are ``[B, C, W, H]`` in the

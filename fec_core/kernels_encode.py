@@ -189,14 +189,15 @@ if HAS_TRITON:
     @triton.jit
     def _assign_aggregate_kernel(x_ptr, c_ptr, v_ptr, alpha_ptr, beta_ptr,
                                  index_ptr, best_ptr, sums_ptr, counts_ptr,
-                                 N, M, C, D,
+                                 N, M, C, D, NB,
                                  sxb, sxc, sxn, scb, scc, scm, svb, svd, svn,
                                  BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
                                  BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-        """One program: BLOCK_N points of batch element ``b``. Writes index and gate value
-        per point; adds the block's value sums [D, M] and counts [M] atomically."""
-        pid_n = tl.program_id(0)
-        b = tl.program_id(1).to(tl.int64)
+        """One program: block ``pid_n`` of BLOCK_N points (of NB) of batch element ``b``.
+        Writes index and gate value per point; adds the block's value sums [D, M] and counts
+        [M] atomically."""
+        pid = tl.program_id(0).to(tl.int64)  # one grid axis: no 65535 limit on the batch
+        b, pid_n = pid // NB, pid % NB
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_m = tl.arange(0, BLOCK_M)
         offs_c = tl.arange(0, BLOCK_C)
@@ -226,13 +227,13 @@ if HAS_TRITON:
                       mask=(offs_d[:, None] < D) & m_ok[None, :])
 
     @triton.jit
-    def _dispatch_kernel(t_ptr, index_ptr, w_ptr, out_ptr, N, M, D,
+    def _dispatch_kernel(t_ptr, index_ptr, w_ptr, out_ptr, N, M, D, NB,
                          stb, std, stm, sob, sod, son,
                          HAS_WEIGHT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
         """``out[b, :, n] = table[b, :, index[b, n]] (* w[b, n])``: Eq. 7 (and the values'
         gradient); the [D, M] table of one batch element stays in cache."""
-        pid_n = tl.program_id(0)
-        b = tl.program_id(1).to(tl.int64)
+        pid = tl.program_id(0).to(tl.int64)
+        b, pid_n = pid // NB, pid % NB
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         n_ok = offs_n < N
@@ -255,8 +256,8 @@ if HAS_TRITON:
         """One program: the gradients of BLOCK_N points. Writes d(point keys); adds
         d(representatives) [D, M] and d(center units) [C, M] atomically; writes this
         block's partial sums of d(alpha), d(beta)."""
-        pid_n = tl.program_id(0)
-        b = tl.program_id(1).to(tl.int64)
+        pid = tl.program_id(0).to(tl.int64)
+        b, pid_n = pid // NB, pid % NB
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_m = tl.arange(0, BLOCK_M)
         offs_c = tl.arange(0, BLOCK_C)
@@ -284,8 +285,8 @@ if HAS_TRITON:
         c_j = tl.load(c_ptr + b * scb + offs_c[:, None] * scc + idx[None, :] * scm, mask=c_mask,
                       other=0.0).to(tl.float32)
         cos = _round(tl.sum(c_j * u_cos, axis=0), c_ptr.dtype.element_ty)
-        tl.store(dab_ptr + (b * NB + pid_n) * 2, tl.sum(dz * cos, axis=0))
-        tl.store(dab_ptr + (b * NB + pid_n) * 2 + 1, tl.sum(dz, axis=0))
+        tl.store(dab_ptr + pid * 2, tl.sum(dz * cos, axis=0))
+        tl.store(dab_ptr + pid * 2 + 1, tl.sum(dz, axis=0))
         dcos = dz * tl.load(alpha_ptr).to(tl.float32)
         dc = tl.dot(u_cos * dcos[None, :], onehot, input_precision="ieee")  # [BLOCK_C, BLOCK_M]
         tl.atomic_add(dc_ptr + b * C * M + offs_c[:, None] * M + offs_m[None, :], dc,
@@ -322,9 +323,9 @@ def _forward(x, c, v, cv, alpha, beta):
     counts = torch.zeros(b, m, device=dev, dtype=torch.float32)
     if b and n:
         bn = _blocks(n, _FWD_BLOCK_N)
-        grid = (triton.cdiv(n, bn), b)
-        _assign_aggregate_kernel[grid](
-            x, c, v, alpha, beta, index, best, sums, counts, n, m, ch, d,
+        nb = triton.cdiv(n, bn)
+        _assign_aggregate_kernel[(b * nb,)](
+            x, c, v, alpha, beta, index, best, sums, counts, n, m, ch, d, nb,
             x.stride(0), x.stride(1), x.stride(2), c.stride(0), c.stride(1), c.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             BLOCK_N=bn, BLOCK_M=_pow2(m), BLOCK_C=_pow2(ch), BLOCK_D=_pow2(d))
@@ -339,8 +340,9 @@ def _dispatch(table, index, weight, out):
     if not (b and n):
         return out
     bn = _blocks(n, _FWD_BLOCK_N)
-    _dispatch_kernel[(triton.cdiv(n, bn), b)](
-        table, index, weight if weight is not None else index, out, n, table.shape[2], d,
+    nb = triton.cdiv(n, bn)
+    _dispatch_kernel[(b * nb,)](
+        table, index, weight if weight is not None else index, out, n, table.shape[2], d, nb,
         table.stride(0), table.stride(1), table.stride(2), out.stride(0), out.stride(1), out.stride(2),
         HAS_WEIGHT=weight is not None, BLOCK_N=bn, BLOCK_D=_pow2(d))
     return out
@@ -357,7 +359,7 @@ def _backward(grad, x, c, alpha, index, best, reps, counts):
     nb = triton.cdiv(n, bn) if n else 0
     dab = torch.zeros(b, max(nb, 1), 2, device=dev, dtype=torch.float32)
     if b and n:
-        _encode_backward_kernel[(nb, b)](
+        _encode_backward_kernel[(b * nb,)](
             grad, x, c, reps, alpha, index, best, dx, dr, dc, dab, n, m, ch, d, nb,
             grad.stride(0), grad.stride(1), grad.stride(2), x.stride(0), x.stride(1), x.stride(2),
             c.stride(0), c.stride(1), c.stride(2), reps.stride(0), reps.stride(1), reps.stride(2),
