@@ -11,7 +11,7 @@
 * :mod:`fec_core.interpret` / :mod:`fec_core.visualize`: cluster maps traced to pixels, figures, CLI;
   :mod:`fec_core.foreground`: unsupervised foreground segmentation and its baselines.
 * :mod:`fec_core.seg`: Semantic FPN head, segmentation on ``shapes``, a torchvision detection backbone.
-* :mod:`fec_core.kernels` / :mod:`fec_core.bench`: the Triton kernel (optional) and the benchmark.
+* :mod:`fec_core.kernels` / :mod:`fec_core.bench`: the Triton kernels (optional) and the benchmark.
 * :mod:`fec_core.costs`: parameter and MAC counting. :mod:`fec_core.figures`: light figures.
 
 The book's build tooling is ``scripts/bookbuild.py`` in the repository, not part of the package.

@@ -32,7 +32,9 @@ internals: the layer functions call :func:`aggregate` and :func:`dispatch` with
 the scatter and the gather read and write contiguous rows and the output needs no
 transpose copy, and the pooling assignment runs over tiles with a running maximum
 (:func:`assign_nearest`; on CUDA a fused Triton kernel, :mod:`fec_core.kernels`),
-so that its memory grows linearly with the number of pixels.
+so that its memory grows linearly with the number of pixels. On CUDA the encode step after
+the center pooling runs as one fused Triton kernel too (:func:`fec_core.kernels.fused_encode`:
+the same equations, forward and backward).
 
 Shapes: ``B`` batch (times heads and fold regions), ``N`` points, ``M`` centers,
 ``C`` key channels, ``D`` value channels. Feature maps are ``[B, C, W, H]`` in the
@@ -358,9 +360,16 @@ def cluster_encode(keys: torch.Tensor, values: torch.Tensor, alpha: torch.Tensor
     centers by pooling to ``grid``, gated cosine similarity, argmax over the gate,
     aggregation, dispatch. ``literal=True`` uses the dense mask and dense dispatch.
     The fast path returns ``out`` as a ``[B, N, D]`` view of a channels-first
-    ``[B, D, N]`` tensor (so ``out.transpose(1, 2)`` is contiguous, chapter 12).
+    ``[B, D, N]`` tensor (so ``out.transpose(1, 2)`` is contiguous, chapter 12); on CUDA,
+    when Triton is installed, one fused kernel runs its steps after the center pooling
+    (:func:`fec_core.kernels.fused_encode`, the same equations).
     """
     ck_map, cv_map = centers(keys, grid), centers(values, grid)
+    if not literal and not torch.jit.is_scripting():
+        if _kernels.use_encode_kernel(keys, values, grid[0] * grid[1], alpha, beta):  # fused (chapter 12)
+            out, index = _kernels.fused_encode(keys.flatten(2), unit(to_points(ck_map)).transpose(1, 2),
+                                               values.flatten(2), cv_map.flatten(2), alpha, beta)
+            return out.transpose(1, 2), index
     scores = gate(similarity(to_points(ck_map), to_points(keys)), alpha, beta)  # [B, M, N], M small
     best, index = assign(scores)
     if literal:

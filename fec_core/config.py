@@ -5,8 +5,9 @@ Two optional backends serve the fast clustering path:
 * the **scatter backend** of :func:`fec_core.clustering.aggregate`: ``'torch'`` (native
   ``scatter_add_``, the default) or ``'torch_scatter'`` (the optional ``torch-scatter``
   package). Environment variable ``FEC_SCATTER_BACKEND``; :func:`set_scatter_backend`.
-* the **kernel mode** of the pooling assignment (:func:`fec_core.clustering.assign_nearest`,
-  :mod:`fec_core.kernels`): ``'auto'`` (the Triton kernel on CUDA tensors when Triton is
+* the **kernel mode** of the fused Triton kernels (:mod:`fec_core.kernels`: the pooling
+  assignment of :func:`fec_core.clustering.assign_nearest` and the encode step of
+  :func:`fec_core.clustering.cluster_encode`): ``'auto'`` (on CUDA tensors when Triton is
   installed, the default), ``'off'`` (never) or ``'on'`` (also on CPU tensors, in Triton's
   interpreter). Environment variable ``FEC_KERNELS``; :func:`set_kernel_mode`.
 
@@ -70,14 +71,16 @@ def set_scatter_backend(name: str) -> None:
 
 
 def kernel_mode() -> str:
-    """When the Triton kernel is used: ``'auto'`` (CUDA tensors), ``'off'``, ``'on'`` (also CPU)."""
+    """When the Triton kernels are used: ``'auto'`` (CUDA tensors), ``'off'``, ``'on'`` (also CPU)."""
     return _kernel_mode
 
 
 def set_kernel_mode(name: str) -> None:
-    """Choose when :func:`fec_core.clustering.assign_nearest` uses the Triton kernel:
-    ``'auto'`` (on CUDA tensors when Triton is installed), ``'off'`` (never), or
-    ``'on'`` (also on CPU tensors: needs Triton's interpreter, ``TRITON_INTERPRET=1``)."""
+    """Choose when the fast path uses the Triton kernels (the pooling assignment of
+    :func:`fec_core.clustering.assign_nearest`, the encode step of
+    :func:`fec_core.clustering.cluster_encode`): ``'auto'`` (on CUDA tensors when Triton is
+    installed), ``'off'`` (never), or ``'on'`` (also on CPU tensors: needs Triton's
+    interpreter, ``TRITON_INTERPRET=1``)."""
     global _kernel_mode
     if name not in KERNEL_MODES:
         raise ValueError(f"unknown kernel mode {name!r}; use 'auto', 'off' or 'on'")

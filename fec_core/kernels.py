@@ -1,4 +1,7 @@
-"""A fused Triton kernel for the pooling assignment (Eq. 5 of pooling layers, chapter 12).
+"""Fused Triton kernels (chapter 12): the pooling assignment here, the encode step in
+:mod:`fec_core.kernels_encode` (:func:`fused_encode`, re-exported), both behind one switch.
+
+**Pooling assignment** (Eq. 5 of pooling layers).
 
 A clustering pooling layer compares each of its ``N`` points with all ``N/4``
 centers and keeps the best one. Written with PyTorch ops this is a matrix product
@@ -7,14 +10,15 @@ back. :func:`cosine_argmax` does both in one kernel: a block of points is compar
 with one block of centers at a time, and only the running maximum and its index
 per point stay in registers. Nothing quadratic is ever written to memory.
 
-The kernel is used on CUDA tensors when Triton is installed (``mode()`` is
+The kernels are used on CUDA tensors when Triton is installed (``mode()`` is
 ``'auto'``, the default). Everywhere else :func:`fec_core.clustering.assign_nearest`
-uses its plain PyTorch tiles, which give the same indices. The environment variable
+uses its plain PyTorch tiles, which give the same indices, and
+:func:`fec_core.clustering.cluster_encode` its PyTorch fast path. The environment variable
 ``FEC_KERNELS`` (``auto``, ``off``, ``on``) or :func:`set_mode` chooses (both live in
 :mod:`fec_core.config`); ``on``
-also runs the kernel on CPU tensors, which only works in Triton's interpreter
+also runs the kernels on CPU tensors, which only works in Triton's interpreter
 (``TRITON_INTERPRET=1`` set before Python starts): that is how the tests check the
-kernel on a machine without a GPU.
+kernels on a machine without a GPU.
 
 Precision: the products are summed in full float32 (``input_precision="ieee"``, no
 TF32); half and bfloat16 inputs are widened to float32 first (their products are
@@ -31,9 +35,10 @@ import torch
 
 from .config import HAS_TRITON, INTERPRET  # re-exported
 from .config import kernel_mode as mode, set_kernel_mode as set_mode  # re-exported
+from .kernels_encode import fused_encode, use_encode_kernel  # re-exported: the encode kernel
 
 __all__ = ["HAS_TRITON", "INTERPRET", "mode", "set_mode", "use_kernel", "cosine_argmax",
-           "cosine_argmax_reference"]
+           "cosine_argmax_reference", "fused_encode", "use_encode_kernel"]
 
 if HAS_TRITON:  # fec_core.config detected it
     import triton

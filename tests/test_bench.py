@@ -42,6 +42,39 @@ def test_bench_skips_literal_beyond_dense_limit(tmp_path):
     assert [r for r in report["results"] if r["path"] == "fast"][0]["status"] == "ok"
 
 
+
+def test_bench_kernel_paths_run_in_their_kernel_mode(tmp_path, monkeypatch):
+    """The Triton kernels' paths (issue 24) are accepted; on a CPU outside Triton's
+    interpreter they are reported as skipped while the others run; every step of ours runs
+    in its path's kernel mode (fast: 'off', kernel: 'on'), and the mode is restored."""
+    from fec_core import bench, config
+    from fec_core.bench import runner
+    seen = []
+    real = runner._on_path
+
+    def spy(model, path):
+        before = real(model, path)
+
+        def step():
+            before()
+            seen.append((path, config.kernel_mode()))
+        return step
+    monkeypatch.setattr(runner, "_on_path", spy)
+    here = bench.kernels_available(torch.device("cpu"))
+    paths = ["fast", "kernel"] + ([] if here else ["compiled_kernel"])  # compiling in the interpreter: slow
+    mode = config.kernel_mode()
+    report = bench.run_cli(["--model", "fec_tiny", "--device", "cpu", "--batch-sizes", "1", "--resolutions", "64",
+                            "--iters", "1", "--warmup", "0", "--no-memory", "--no-plot", "--paths", *paths,
+                            "--out-dir", str(tmp_path), "--quiet"])
+    rows = {r["path"]: r for r in report["results"]}
+    assert set(rows) == set(paths) and rows["fast"]["status"] == "ok"
+    for p in paths[1:]:
+        assert rows[p]["status"] == "ok" if here else rows[p]["status"].startswith("skipped: the Triton kernels")
+    assert ("fast", "off") in seen and all(m == bench.PATH_KERNEL_MODE[p] for p, m in seen)
+    assert report["meta"]["kernel_modes"] == {p: bench.PATH_KERNEL_MODE[p] for p in paths}
+    assert config.kernel_mode() == mode
+    assert "| kernel |" in (tmp_path / "bench.md").read_text()
+
 def test_bench_times_timm_yardsticks_in_the_same_run(tmp_path):
     """``--compare``: a timm model timed in the same setting, reported as path timm:<name>,
     with its speedup over the literal path in the table and a bar in the plot."""

@@ -9,6 +9,13 @@ per second, CPU time per step and peak memory, and writes ``bench.json``,
 ``bench.md`` (a Markdown table) and ``bench.png`` (a plot) to ``--out-dir``. It prints
 the device name first.
 
+Our paths (``--paths``): ``literal`` (the dense formulation), ``fast`` (the fast path in
+PyTorch ops only), ``kernel`` (the fast path with the Triton kernels of
+:mod:`fec_core.kernels`, the library's default on CUDA), and ``compiled`` /
+``compiled_kernel`` (the same two under ``torch.compile``). Each runs in its kernel mode
+(:data:`~fec_core.bench.settings.PATH_KERNEL_MODE`); where the kernels cannot run (a CPU
+outside Triton's interpreter) the kernel paths are reported as skipped.
+
 Peak memory is measured in one extra step per path: on CUDA with
 ``torch.cuda.max_memory_allocated`` (absolute: weights, input and activations), on
 CPU from the allocation events of PyTorch's CPU allocator recorded by
@@ -33,6 +40,7 @@ Examples::
 
     python -m fec_core.bench                                   # CPU: fec_small, batch 8, 224x224, fp32
     python -m fec_core.bench --device cuda --batch-sizes 64 128 256 --dtypes fp32 bf16
+    python -m fec_core.bench --device cuda --paths fast kernel compiled compiled_kernel --dtypes bf16
     python -m fec_core.bench --device cuda --dense --batch-sizes 1 --resolutions 512 1024 2048 \\
         --modes infer --paths fast                             # memory against pixels
     python -m fec_core.bench --model fec_tiny --batch-sizes 2 --resolutions 64 --iters 2
@@ -51,7 +59,9 @@ from .measure import device_name, literal_dense_bytes, peak_cpu_bytes, quiet_nat
 from .official import load_official
 from .report import combine_rounds, merge_reports, plot, to_markdown
 from .runner import run
-from .settings import DTYPES, MODES, PATHS, BenchConfig, Result, check_config
+from .settings import (DTYPES, KERNEL_PATHS, MODES, PATH_KERNEL_MODE, PATHS, BenchConfig, Result, check_config,
+                       kernels_available)
 
 __all__ = ["BenchConfig", "Result", "run", "run_cli", "device_name", "peak_cpu_bytes", "literal_dense_bytes",
-           "quiet_native_stderr", "load_official", "merge_reports", "combine_rounds", "to_markdown", "plot", "main"]
+           "quiet_native_stderr", "load_official", "merge_reports", "combine_rounds", "to_markdown", "plot",
+           "main", "kernels_available", "PATHS", "PATH_KERNEL_MODE", "KERNEL_PATHS"]

@@ -33,9 +33,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtypes", nargs="+", default=None, choices=tuple(DTYPES),
                    help="fp32 and/or bf16 autocast (default: fp32 on CPU, both on CUDA)")
     p.add_argument("--paths", nargs="*", default=None, choices=PATHS,
-                   help="compiled = the fast path under torch.compile; official = the official code "
-                        "(needs --official). Default: literal fast, and official with --official; "
-                        "none (--paths with no value) to time only the --compare models")
+                   help="fast = the fast path in PyTorch ops; kernel = the fast path with the Triton "
+                        "kernels (CUDA); compiled, compiled_kernel = the same under torch.compile; "
+                        "official = the official code (needs --official). Default: literal fast, and "
+                        "official with --official; none (--paths with no value) to time only the "
+                        "--compare models")
     p.add_argument("--official", default=None, metavar="FILE",
                    help="a copy of the official models/fec.py (github guikunchen/FEC): time it too")
     p.add_argument("--compare", nargs="+", default=[], metavar="MODEL",

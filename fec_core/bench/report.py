@@ -149,8 +149,9 @@ def plot(report: dict, path: Optional[str] = None):
     ncols = 3 if len(resolutions) > 1 else 2
     fig, axes = plt.subplots(1, ncols, figsize=(5.5 * ncols, 4.2))
     width = 0.8 / max(1, len(paths))
-    colors = {"official": "tab:red", "literal": "tab:gray", "fast": "tab:blue", "compiled": "tab:green"}
-    others = iter(["tab:purple", "tab:olive", "tab:brown", "tab:pink", "tab:cyan", "tab:orange"] * 4)
+    colors = {"official": "tab:red", "literal": "tab:gray", "fast": "tab:blue", "kernel": "tab:cyan",
+              "compiled": "tab:green", "compiled_kernel": "darkgreen"}
+    others = iter(["tab:purple", "tab:olive", "tab:brown", "tab:pink", "tab:orange"] * 4)
     colors.update({p: next(others) for p in paths if p not in colors})  # yardsticks
     for ax, field_, label in ((axes[0], "throughput", "images / s"), (axes[1], "peak_mem_bytes", "peak memory (MiB)")):
         for j, p in enumerate(paths):
@@ -180,7 +181,8 @@ def plot(report: dict, path: Optional[str] = None):
                              == (name, m, d, b) and r["peak_mem_bytes"])
                 if len(pts) > 1:
                     ax.loglog(*zip(*pts), styles[m], color=colors[p], label=f"{name} {p} {m} {d} b{b}")
-                    if reference is None or (p in ("fast", "compiled") and reference[0] in ("literal", "official")):
+                    ours_fast = p in ("fast", "kernel", "compiled", "compiled_kernel")
+                    if reference is None or (ours_fast and reference[0] in ("literal", "official")):
                         reference = (p, pts)
         if reference is not None:
             pts = reference[1]

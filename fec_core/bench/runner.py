@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from .measure import _is_oom, _measure_memory, _profile_table, _step_fn, _sync, device_name, literal_dense_bytes
 from .official import _agreement, _build_official
-from .settings import BenchConfig, Result, check_config
+from .settings import KERNEL_PATHS, PATH_KERNEL_MODE, BenchConfig, Result, check_config, kernels_available
 
 __all__ = ["run"]
 
@@ -61,8 +61,8 @@ def _meta(cfg: BenchConfig, device: torch.device, model: nn.Module, official) ->
         meta.update(cuda=torch.version.cuda, gpu_memory_bytes=torch.cuda.get_device_properties(device).total_memory,
                     tf32_matmul=torch.backends.cuda.matmul.allow_tf32, tf32_cudnn=torch.backends.cudnn.allow_tf32,
                     cudnn_benchmark=torch.backends.cudnn.benchmark)
-    from .. import kernels as _kernels
-    meta.update(triton_kernel=bool(device.type == "cuda" and _kernels.HAS_TRITON and _kernels.mode() != "off"))
+    meta.update(triton_kernel=kernels_available(device),
+                kernel_modes={p: PATH_KERNEL_MODE[p] for p in cfg.paths if p in PATH_KERNEL_MODE})
     if official is not None:
         meta["official"] = dict(file=os.path.basename(cfg.official),
                                 scatter=("index_add_ stand-in" if getattr(sys.modules.get("torch_scatter"),
@@ -102,7 +102,7 @@ class _Setting:
     def warm_up(self, warmup: int, device: torch.device) -> None:
         for p in list(self.steps):
             try:
-                for _ in range(max(warmup, 1 if p == "compiled" else 0)):  # compiled: compile now
+                for _ in range(max(warmup, 1 if p.startswith("compiled") else 0)):  # compiled: compile now
                     self.steps[p]()
                 _sync(device)
             except Exception as err:  # noqa: BLE001 - report and go on with the other paths
@@ -147,9 +147,32 @@ class _Setting:
             self.bar.update(1)
 
 
+def _on_path(model: nn.Module, path: str) -> Callable[[], None]:
+    """What runs before every step of ``path``: our model on its literal or fast path and
+    in its kernel mode (nothing for the official code and the yardsticks)."""
+    from ..config import set_kernel_mode
+    mode = PATH_KERNEL_MODE.get(path)
+
+    def before() -> None:
+        model.set_literal(path == "literal")
+        if mode is not None:
+            set_kernel_mode(mode)
+    return before
+
+
 def run(cfg: BenchConfig, progress: bool = True) -> dict:
     """Run the benchmark; returns ``{'meta': ..., 'results': [Result as dict, ...]}``
-    (and ``'profiles'``, one operator table per setting and path, with ``cfg.profile``)."""
+    (and ``'profiles'``, one operator table per setting and path, with ``cfg.profile``).
+    The kernel mode is set per path while it runs and restored at the end."""
+    from ..config import kernel_mode, set_kernel_mode
+    saved = kernel_mode()
+    try:
+        return _run(cfg, progress)
+    finally:
+        set_kernel_mode(saved)
+
+
+def _run(cfg: BenchConfig, progress: bool) -> dict:
     from tqdm.auto import tqdm
 
     device = check_config(cfg)
@@ -158,7 +181,9 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
     nets = dict(_build_references(cfg, device))
     names = list(cfg.paths) + list(nets)
     meta = _meta(cfg, device, model, official)
-    compiled: Dict[str, nn.Module] = {}
+    compiled: Dict[tuple, nn.Module] = {}
+    if any(p.startswith("compiled") for p in cfg.paths):  # one graph per mode, dtype and kernel mode
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
     combos = [(mode, dt, b, r) for mode in cfg.modes for dt in cfg.dtypes
               for b in cfg.batch_sizes for r in cfg.resolutions]
     results: List[Result] = []
@@ -183,14 +208,18 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
                 setting.row[p].status = f"skipped: dense tensors of {gib:.3g} GiB > --max-dense-gib {cfg.max_dense_gib}"
                 bar.update(1)
                 continue
+            if p in KERNEL_PATHS and not kernels_available(device):
+                setting.row[p].status = ("skipped: the Triton kernels run on CUDA with Triton installed "
+                                         "(on a CPU only in Triton's interpreter, TRITON_INTERPRET=1)")
+                bar.update(1)
+                continue
             ours = _StageOutputs(model) if cfg.dense else model
             net = {"official": official}.get(p, nets.get(p, ours))
-            if p == "compiled":
-                if mode not in compiled:
-                    compiled[mode] = torch.compile(ours)
-                net = compiled[mode]
-            setting.steps[p] = _step_fn(net, mode, dt, x, y, device,
-                                        (lambda lit=(p == "literal"): model.set_literal(lit)))
+            if p.startswith("compiled"):
+                if (p, mode) not in compiled:
+                    compiled[(p, mode)] = torch.compile(ours)
+                net = compiled[(p, mode)]
+            setting.steps[p] = _step_fn(net, mode, dt, x, y, device, _on_path(model, p))
         setting.warm_up(cfg.warmup, device)
         setting.time(cfg.iters, device)
         setting.record(cfg, device, profiles)

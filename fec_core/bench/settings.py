@@ -9,19 +9,27 @@ from typing import List, Optional
 
 import torch
 
-__all__ = ["DTYPES", "PATHS", "MODES", "BenchConfig", "Result", "check_config"]
+__all__ = ["DTYPES", "PATHS", "MODES", "PATH_KERNEL_MODE", "KERNEL_PATHS", "BenchConfig", "Result", "check_config",
+           "kernels_available"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-PATHS = ("official", "literal", "fast", "compiled")
+PATHS = ("official", "literal", "fast", "kernel", "compiled", "compiled_kernel")
 MODES = ("infer", "train")
+#: The kernel mode (:func:`fec_core.config.set_kernel_mode`) each of our paths runs in:
+#: ``fast`` and ``compiled`` in PyTorch ops only, ``kernel`` and ``compiled_kernel`` with
+#: the Triton kernels (pooling assignment and encode step; CUDA, or Triton's interpreter).
+PATH_KERNEL_MODE = {"literal": "off", "fast": "off", "kernel": "on", "compiled": "off", "compiled_kernel": "on"}
+KERNEL_PATHS = ("kernel", "compiled_kernel")
 
 
 @dataclass
 class BenchConfig:
-    """What to measure. ``paths``: ``literal``, ``fast`` and optionally ``compiled``
-    (the fast path under ``torch.compile``) and ``official`` (the official code from
-    the file ``official``, with the same weights). ``references``: timm models timed in
-    the same run and setting as yardsticks (reported as paths ``timm:<name>``)."""
+    """What to measure. ``paths``: ``literal``, ``fast`` (PyTorch ops only), ``kernel``
+    (the fast path with the Triton kernels: CUDA), ``compiled`` and ``compiled_kernel``
+    (the same two under ``torch.compile``) and ``official`` (the official code from the
+    file ``official``, with the same weights). A kernel path where the kernels cannot run
+    is reported as skipped. ``references``: timm models timed in the same run and setting
+    as yardsticks (reported as paths ``timm:<name>``)."""
 
     model: str = "fec_small"
     device: str = "cpu"
@@ -124,3 +132,10 @@ def _device_memory(device: torch.device) -> Optional[int]:
         return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     except (ValueError, OSError, AttributeError, RuntimeError):
         return None
+
+
+def kernels_available(device: torch.device) -> bool:
+    """Whether the Triton kernels can run on ``device``: CUDA with Triton, or a CPU inside
+    Triton's interpreter (``TRITON_INTERPRET=1``)."""
+    from .. import kernels
+    return kernels.HAS_TRITON and (device.type == "cuda" or kernels.INTERPRET)
