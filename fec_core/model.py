@@ -179,6 +179,10 @@ class FEC(nn.Module):
             dense prediction and no classifier (the official ``fork_feat``); the last one
             normalizes :meth:`forward_features`.
         literal: use the literal dense clustering path (for teaching and testing).
+        drop_rate: dropout in every block's MLP, as the official ``drop_rate``, and before the
+            classifier (``head_drop``, as timm's models have it). The official head has no
+            dropout: with ``drop_rate > 0`` the two differ there (the official training
+            script's ``--drop`` is 0).
     Input ``[B, in_chans, H, W]``; ``forward`` returns logits ``[B, num_classes]`` (pooled
     features ``[B, C4]`` without a classifier); :meth:`forward_intermediates` the four stage
     outputs (strides 4, 8, 16, 32), normalized per stage when ``dense``.

@@ -1,4 +1,4 @@
-"""Training FEC (book chapter 10): the paper's ImageNet recipe built from timm's parts.
+"""Training FEC (book chapter 10): the official ImageNet recipe built from timm's parts.
 
 Python API (stable; other chapters build on it)::
 
@@ -20,9 +20,10 @@ Python API (stable; other chapters build on it)::
         loss_fn=torch.nn.CrossEntropyLoss(ignore_index=255), metric=MeanIoU(num_classes=5))
 
 ``TrainConfig`` fields left at ``None`` are filled from :data:`PRESETS` for the dataset:
-``'imagefolder'`` (the default) is the paper's ImageNet recipe, ``'digits'`` and ``'shapes'``
-are small offline recipes for a CPU. ``cfg.resume`` continues a run exactly, ``cfg.pretrained``
-starts from a released official checkpoint (new head). A metric is a :class:`Metric`
+``'imagefolder'`` (the default) is the official training script's ImageNet recipe
+(:data:`OFFICIAL_IMAGENET_RECIPE`), ``'digits'`` and ``'shapes'`` are small offline recipes
+for a CPU. ``cfg.resume`` continues a run exactly, ``cfg.pretrained`` starts from a released
+official checkpoint (new head). A metric is a :class:`Metric`
 (``update(output, target)`` / ``compute() -> dict``; its first key, :attr:`Metric.name`, picks
 the best checkpoint, higher is better) or a plain function ``fn(output, target) -> float``
 averaged over samples. :class:`Accuracy` and :class:`MeanIoU` are provided.
@@ -57,16 +58,18 @@ Command line (``python -m fec_core.train --help``)::
     python -m fec_core.train --dataset digits --evaluate --resume runs/digits-fec_tiny-.../best.pt
     torchrun --nproc_per_node=8 -m fec_core.train --data-dir /data/imagenet --model fec_small
 
-The ImageNet recipe (``PAPER_RECIPE``; chapter 10 gives the source of each setting: the
-supplement, the official ``train.py`` / ``cmds/train.sh``, or this library): AdamW, lr 1e-3 for
-a global batch of 1,024 images (scaling it linearly with other batch sizes is this library's
-rule, not the paper's), weight decay 0.05 (none on
+The ImageNet recipe (``OFFICIAL_IMAGENET_RECIPE``: the official training script's ImageNet
+settings, without the cool-down epochs and with EMA off, as in the script; chapter 10 gives
+the source of each setting: the supplement, the official ``train.py`` / ``cmds/train.sh``, or
+this library): AdamW, lr 1e-3 for a global batch of 1,024 images (scaling it linearly with
+other batch sizes is this library's rule, not the paper's), weight decay 0.05 (none on
 1-D parameters: norms, biases, layer scales ``layer_scale_1/2``, ``sim_alpha``/``sim_beta``),
-cosine schedule to 1e-6 with 5 warm-up epochs from 1e-6, 300 epochs, label smoothing 0.1,
+cosine schedule to 1e-6 with 5 warm-up epochs from 1e-6 to 1e-3, 300 epochs, label smoothing 0.1,
 Mixup 0.8 / CutMix 1.0, RandAugment ``rand-m9-mstd0.5-inc1``, random erasing 0.25, drop path
-0.1, mixed precision. The official script steps the schedule per epoch and adds 10
-cool-down epochs at the minimum lr; here the schedule is stepped per update
-(``cooldown_epochs=10`` mirrors the rest).
+0.1, mixed precision. The official script steps the schedule once per epoch, adds 10
+cool-down epochs at the minimum lr and trains in fp16 autocast with a loss scaler; here the
+schedule is stepped per update and autocast is bf16 where the GPU supports it
+(``cooldown_epochs=10`` adds the cool-down, ``amp='fp16'`` the official precision).
 
 The pooling layers' ``conv_f`` (:class:`fec_core.layers.ClusterPool`) only feeds an argmax,
 so it never receives a gradient. Its ``.grad`` stays ``None``, and AdamW skips such
@@ -89,13 +92,13 @@ Everything public is importable from ``fec_core.train`` itself.
 """
 from .build import build_datasets, build_model, freeze_similarity, load_pretrained
 from .cli import main
-from .config import BUILTIN_DATASETS, PAPER_RECIPE, PRESETS, TrainConfig
+from .config import BUILTIN_DATASETS, OFFICIAL_IMAGENET_RECIPE, PRESETS, TrainConfig
 from .curves import plot_history, read_history
 from .evaluation import FitResult, evaluate
 from .loop import fit
 from .metrics import Accuracy, BatchMean, MeanIoU, Metric, iou_per_class
 from .runfiles import SaveError
 
-__all__ = ["TrainConfig", "PRESETS", "PAPER_RECIPE", "FitResult", "fit", "evaluate", "build_datasets", "build_model",
+__all__ = ["TrainConfig", "PRESETS", "OFFICIAL_IMAGENET_RECIPE", "FitResult", "fit", "evaluate", "build_datasets", "build_model",
            "load_pretrained", "freeze_similarity", "plot_history", "read_history", "Metric", "Accuracy", "MeanIoU",
            "BatchMean", "iou_per_class", "SaveError", "main"]

@@ -33,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     S = argparse.SUPPRESS
     p = argparse.ArgumentParser(
         prog="python -m fec_core.train",
-        description="Train FEC. Defaults: the paper's ImageNet recipe for --data-dir, small CPU recipes for the "
+        description="Train FEC. Defaults: the official training script's ImageNet recipe (without its cool-down "
+                    "epochs) for --data-dir, small CPU recipes for the "
                     "offline datasets (--dataset digits / shapes). Under torchrun, one process per GPU (DDP).",
         epilog="examples:\n  python -m fec_core.train --dataset digits\n"
                "  torchrun --nproc_per_node=8 -m fec_core.train --data-dir /data/imagenet --model fec_small\n"
@@ -99,7 +100,7 @@ def _config_from_args(args: Dict[str, Any]) -> TrainConfig:
         if "dataset" not in args:
             if not args.get("data_dir"):
                 raise ValueError("choose a dataset: --dataset digits (or shapes) trains offline in minutes; "
-                                 "--data-dir /path/to/imagenet trains with the paper's recipe")
+                                 "--data-dir /path/to/imagenet trains with the official ImageNet recipe")
             args["dataset"] = "imagefolder"
         cfg = TrainConfig(**args)
     return cfg
