@@ -17,8 +17,12 @@ from typing import Dict
 import torch
 import torch.nn.functional as F
 
-from .interpret import _by_area, _kmeans, _one_thread, merge_regions, trace_clusters
+from tqdm.auto import tqdm
+
+from .data import normalize
+from .interpret import merge_regions, trace_clusters
 from .model import FEC
+from .regions import kmeans_labels, number_by_area, one_thread
 
 __all__ = ["border_share", "foreground_from_regions", "segment_foreground", "kmeans_pixels",
            "kmeans_foreground", "patch_oracle", "foreground_iou", "evaluate_segmentation"]
@@ -60,10 +64,6 @@ def segment_foreground(model: FEC, images: torch.Tensor, stage: int = -1, k: int
     and call the region least present on the border the foreground
     (:func:`foreground_from_regions`). Returns BoolTensor ``[B, H, W]``.
     """
-    from tqdm.auto import tqdm
-
-    from .data import normalize
-
     was_training = model.training
     model.eval()
     masks = []
@@ -96,10 +96,11 @@ def kmeans_pixels(images: torch.Tensor, k: int = 2, xy_weight: float = 0.5, seed
     yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
     xy = torch.stack([yy, xx]).reshape(2, -1).T * xy_weight
     out = torch.empty(b, h, w, dtype=torch.long)
-    with _one_thread():
+    with one_thread():
         for i in range(b):
             pts = torch.cat([images[i].detach().float().cpu().reshape(3, -1).T, xy], dim=1).numpy()
-            out[i] = _by_area(torch.from_numpy(_kmeans(pts, k, seed, n_init)).long().reshape(h, w), k)
+            labels = torch.from_numpy(kmeans_labels(pts, k, seed, n_init)).long().reshape(h, w)
+            out[i] = number_by_area(labels, k)
     return out
 
 

@@ -21,15 +21,14 @@ official ``cluster_visualize.py`` draws the paper's figures (key centers of the 
 pooling layer, non-empty clusters, unnormalized, one start).
 
 What the regions are good for, an unsupervised foreground segmentation, its classical
-baseline and their evaluation, is :mod:`fec_core.foreground` (its names are importable
-from here too: ``interpret.segment_foreground`` and so on).
+baseline and their evaluation, is :mod:`fec_core.foreground`, which builds on this module.
+The k-means both use is :mod:`fec_core.regions`.
 
 Shapes: ``B`` batch, ``H x W`` image, ``h x w`` a layer's feature map (rows x
 columns, row-major point index ``r * w + c``).
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -38,27 +37,10 @@ import torch
 import torch.nn.functional as F
 
 from .model import FEC, ClusterRecord, stage_and_block
+from .regions import kmeans_labels, number_by_area, one_thread
 
 __all__ = ["LayerMap", "stem_points", "pool_parents", "encode_clusters", "trace", "trace_clusters",
            "select_layers", "merge_regions", "pool_key_centers", "paper_regions", "match_labels"]
-
-#: The foreground segmentation of chapter 11, in :mod:`fec_core.foreground`; importable from
-#: here as before (loaded on first use: that module builds on this one).
-_FOREGROUND = ("border_share", "foreground_from_regions", "segment_foreground", "kmeans_pixels",
-               "kmeans_foreground", "patch_oracle", "foreground_iou", "evaluate_segmentation")
-
-
-def __getattr__(name: str):
-    if name in _FOREGROUND:
-        from . import foreground
-
-        return getattr(foreground, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(list(globals()) + list(_FOREGROUND))
-
 
 @dataclass
 class LayerMap:
@@ -252,28 +234,6 @@ def _first_of(maps: Sequence[LayerMap], names: Sequence[str]) -> List[LayerMap]:
 
 
 # ---------------------------------------------------------------------------- merging
-def _kmeans(points: np.ndarray, k: int, seed: int, n_init: int) -> np.ndarray:
-    """scikit-learn's k-means (:cite:`lloyd1982kmeans`) on ``points`` ``[N, D]`` -> labels ``[N]``.
-
-    Call it inside :func:`_one_thread`: for the small problems here (one image at a time)
-    thread start-up costs far more than it saves, especially on a busy machine.
-    """
-    from sklearn.cluster import KMeans
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # ConvergenceWarning when fewer distinct points than k
-        return KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(points.astype(np.float64)).labels_
-
-
-def _one_thread():
-    """A context in which scikit-learn's k-means (and any BLAS / OpenMP pool) runs on one
-    thread. Entered once per batch of images, not per image: entering it inspects every loaded
-    library, about 4 ms, as long as a small k-means itself (measured, chapter 11's images)."""
-    from threadpoolctl import threadpool_limits
-
-    return threadpool_limits(1)
-
-
 def merge_regions(features: torch.Tensor, labels: torch.Tensor, k: int, seed: int = 0,
                   normalize: bool = True, n_init: int = 10, nonempty: bool = False) -> torch.Tensor:
     """Merge representatives into ``k`` regions with k-means (scikit-learn).
@@ -306,16 +266,16 @@ def merge_regions(features: torch.Tensor, labels: torch.Tensor, k: int, seed: in
     if normalize:
         feats = F.normalize(feats, dim=-1)
     out = torch.empty_like(labels)
-    with _one_thread():
+    with one_thread():
         for i in range(b):
             used = torch.unique(labels[i]).cpu() if nonempty else torch.arange(h * w)
             if nonempty and len(used) <= k:
                 part = torch.arange(len(used))
             else:
-                part = torch.from_numpy(_kmeans(feats[i][used].numpy(), k, seed, n_init)).long()
+                part = torch.from_numpy(kmeans_labels(feats[i][used].numpy(), k, seed, n_init)).long()
             region = torch.zeros(h * w, dtype=torch.long)
             region[used] = part
-            out[i] = _by_area(region.to(labels.device)[labels[i]], k)
+            out[i] = number_by_area(region.to(labels.device)[labels[i]], k)
     return out
 
 
@@ -356,15 +316,6 @@ def paper_regions(model: FEC, x: torch.Tensor, k: int, seed: int = 0) -> torch.T
     last = [m for m in maps if m.kind == "pool"][-1]
     centers = pool_key_centers(model, x)
     return merge_regions(centers, last.labels, k, seed=seed, normalize=False, n_init=1, nonempty=True)
-
-
-def _by_area(labels: torch.Tensor, k: int) -> torch.Tensor:
-    """Renumber ``labels`` (values ``0..k-1``) by decreasing pixel count (ties: smaller label first)."""
-    counts = torch.bincount(labels.reshape(-1), minlength=k)
-    order = sorted(range(k), key=lambda j: (-int(counts[j]), j))
-    remap = torch.empty(k, dtype=torch.long, device=labels.device)
-    remap[torch.tensor(order, device=labels.device)] = torch.arange(k, device=labels.device)
-    return remap[labels]
 
 
 def match_labels(labels: np.ndarray, reference: np.ndarray) -> np.ndarray:

@@ -33,7 +33,7 @@ def measure(seed: int) -> dict:
     import torch
 
     import fec_core
-    from fec_core import interpret as ip
+    from fec_core import foreground as fg
     from fec_core.data import SHAPE_CLASSES, TensorImageDataset, make_shapes
     from fec_core.seg import SEG_RECIPE, shapes_segmentation, train_segmentation
     from fec_core.train import MeanIoU, TrainConfig, evaluate, fit
@@ -57,18 +57,18 @@ def measure(seed: int) -> dict:
     untrained = fec_core.create_model("fec_tiny", num_classes=4).eval()
     x_test, _, m_test = make_shapes(300, 64, seed=1000, contrast="texture")
     m_val = m_all[2000:]
-    val_iou = {s: float(ip.foreground_iou(ip.segment_foreground(trained, x_all[2000:], stage=s), m_val).mean())
+    val_iou = {s: float(fg.foreground_iou(fg.segment_foreground(trained, x_all[2000:], stage=s), m_val).mean())
                for s in range(4)}
     best = max(val_iou, key=val_iou.get)
-    test = {s: float(ip.foreground_iou(ip.segment_foreground(trained, x_test, stage=s), m_test).mean())
+    test = {s: float(fg.foreground_iou(fg.segment_foreground(trained, x_test, stage=s), m_test).mean())
             for s in range(4)}
-    unt = max(float(ip.foreground_iou(ip.segment_foreground(untrained, x_test, stage=s), m_test).mean())
+    unt = max(float(fg.foreground_iou(fg.segment_foreground(untrained, x_test, stage=s), m_test).mean())
               for s in range(4))
-    pix = max(float(ip.foreground_iou(ip.kmeans_foreground(x_test, xy_weight=w), m_test).mean())
+    pix = max(float(fg.foreground_iou(fg.kmeans_foreground(x_test, xy_weight=w), m_test).mean())
               for w in (0.5, 0.0, 1.0))
     out.update(ch11_best_stage=best, ch11_headline=test[best], ch11_stage0=test[0], ch11_stage1=test[1],
                ch11_untrained_best=unt, ch11_pixels_best=pix,
-               ch11_by_k={k: float(ip.foreground_iou(ip.segment_foreground(trained, x_test, stage=best, k=k),
+               ch11_by_k={k: float(fg.foreground_iou(fg.segment_foreground(trained, x_test, stage=best, k=k),
                                                       m_test).mean()) for k in (2, 3, 4)})
     # chapter 13: Semantic FPN on shapes
     r = train_segmentation(progress=False, seed=seed, threads=threads)

@@ -1,14 +1,15 @@
-"""Tracing clusters to the pixels, merging, emergent segmentation (fec_core.interpret,
-chapter 11); drawing and the CLI: test_visualize.py."""
+"""Tracing clusters to the pixels and merging them (fec_core.interpret, fec_core.regions),
+emergent segmentation (fec_core.foreground), chapter 11; drawing and the CLI: test_visualize.py."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import tiny_model
 from fec_core import clustering as cl
-from fec_core.interpret import (border_share, encode_clusters, evaluate_segmentation, foreground_from_regions,
-                                foreground_iou, kmeans_foreground, merge_regions, patch_oracle, pool_parents,
-                                segment_foreground, select_layers, stem_points, trace_clusters)
+from fec_core.foreground import (border_share, evaluate_segmentation, foreground_from_regions, foreground_iou,
+                                 kmeans_foreground, patch_oracle, segment_foreground)
+from fec_core.interpret import (encode_clusters, merge_regions, pool_parents, select_layers, stem_points,
+                                trace_clusters)
 
 
 def small_fec(**kw):
