@@ -4,7 +4,8 @@
 * :mod:`fec_core.config`: the backend switches (scatter backend, Triton kernel mode).
 * :mod:`fec_core.numerics`: the numerical contract of the argmax (tolerances, checks).
 * :mod:`fec_core.layers`: stem, clustering encode / pool layers, blocks.
-* :mod:`fec_core.model`: the backbone, ``fec_small`` / ``fec_base`` / ``fec_large`` (timm models).
+* :mod:`fec_core.model`: the backbone, ``fec_small`` / ``fec_base`` / ``fec_large`` (timm models);
+  :mod:`fec_core.records`: the assignments of a forward pass (``forward_with_clusters``).
 * :mod:`fec_core.checkpoint`: loading released official checkpoints.
 * :mod:`fec_core.data`: offline data (the bundled photograph, ``digits``, ``shapes``, image folders).
 * :mod:`fec_core.train`: the training loop (``python -m fec_core.train``), DDP through torchrun.
@@ -31,9 +32,9 @@ from .checkpoint import CheckpointError, load_checkpoint, read_state_dict
 from .clustering import (aggregate, aggregate_dense, assign, assign_nearest, centers, cluster_encode,
                          cluster_pool, dispatch, dispatch_dense, gate, one_hot, similarity)
 from .layers import ClusterBlock, ClusterEncode, ClusterPool, Stem
-from .model import (FEC, SETTINGS, VARIANTS, ClusterRecord, checkpoint_filter_fn, fec_base, fec_base_det,
-                    fec_base_seg, fec_large, fec_large_det, fec_large_seg, fec_small, fec_small_det,
-                    fec_small_seg, fec_tiny)
+from .model import (FEC, SETTINGS, VARIANTS, checkpoint_filter_fn, fec_base, fec_base_det, fec_base_seg,
+                    fec_large, fec_large_det, fec_large_seg, fec_small, fec_small_det, fec_small_seg, fec_tiny)
+from .records import ClusterRecord
 
 __version__ = "0.2.0"  # the same as pyproject.toml (book/test_book.py checks)
 

@@ -36,7 +36,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .model import FEC, ClusterRecord, stage_and_block
+from .model import FEC
+from .records import ClusterRecord, stage_and_block
 from .regions import kmeans_labels, number_by_area, one_thread
 
 __all__ = ["LayerMap", "stem_points", "pool_parents", "encode_clusters", "trace", "trace_clusters",

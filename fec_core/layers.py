@@ -1,8 +1,8 @@
 """FEC's layers: stem, clustering encode (token mixer), clustering pooling, MLP, block.
 
 The arithmetic lives in :mod:`fec_core.clustering`; these modules hold the
-parameters, the channel/head/region layout and the bookkeeping that lets a model
-report every layer's assignment map (:meth:`fec_core.FEC.forward_with_clusters`).
+parameters and the channel/head/region layout; each clustering layer keeps its last
+assignment map while recording (:mod:`fec_core.records`, :meth:`fec_core.FEC.forward_with_clusters`).
 Parameter names follow the official implementation so released checkpoints map
 one-to-one (``f``, ``v``, ``proj``, ``sim_alpha``, ``sim_beta``, ``conv_f``, ...).
 """
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 
 from . import clustering as cl
+from .records import AssignmentRecorder
 
 __all__ = ["GroupNorm1", "Stem", "ClusterEncode", "ClusterPool", "Mlp", "ClusterBlock", "point_coordinates",
            "pointwise"]
@@ -120,22 +121,7 @@ if hasattr(torch.fx.node, "has_side_effect"):
 torch.fx.wrap("point_coordinates")
 
 
-class _Recording:
-    """Mixin: a clustering layer that can keep its last assignment map."""
-
-    name: str = ""
-    official_name: str = ""
-    record: bool = False
-    last_index: Optional[torch.Tensor] = None
-
-    @torch.jit.unused
-    def _keep(self, index: torch.Tensor, shape: List[int]) -> None:
-        """Keep ``index`` (reshaped to ``shape``) as ``last_index`` while recording."""
-        if self.record:
-            self.last_index = index.detach().reshape(shape)
-
-
-class ClusterEncode(_Recording, nn.Module):
+class ClusterEncode(AssignmentRecorder, nn.Module):
     """Clustering-based feature encoding, the token mixer of a block (Eqs. 4-7, chapters 3-7).
 
     Per head and per fold region: ``proposal = (gw, gh)`` centers by pooling, gated
@@ -170,7 +156,7 @@ class ClusterEncode(_Recording, nn.Module):
         out, index = cl.cluster_encode(keys, values, self.sim_alpha, self.sim_beta, self.proposal, self.literal)
         rr, rc = rows // fw, cols // fh  # one region's rows and columns
         if not torch.jit.is_scripting():
-            self._keep(index, [b, e, fw, fh, rr, rc])
+            self.keep_assignment(index, [b, e, fw, fh, rr, rc])
         out = cl.unfold(out.transpose(1, 2).reshape(b * e * fw * fh, self.head_dim, rr, rc), fw, fh)
         return pointwise(out.reshape(b, e * self.head_dim, rows, cols), self.proj.weight, self.proj.bias)
 
@@ -178,7 +164,7 @@ class ClusterEncode(_Recording, nn.Module):
         return f"heads={self.heads}, head_dim={self.head_dim}, proposal={self.proposal}, fold={self.fold}"
 
 
-class ClusterPool(_Recording, nn.Module):
+class ClusterPool(AssignmentRecorder, nn.Module):
     """Clustering-based feature pooling between stages (Eqs. 4-6 and 9, chapter 8).
 
     N points -> N/4 representatives (2x2 center grid per region), plus a 3x3
@@ -208,7 +194,7 @@ class ClusterPool(_Recording, nn.Module):
         values = cl.fold(pointwise(x, self.conv_v.weight, self.conv_v.bias), fw, fh)
         reps, index = cl.cluster_pool(keys, values, self.literal)
         if not torch.jit.is_scripting():
-            self._keep(index, [b, fw, fh, rows // fw, cols // fh])
+            self.keep_assignment(index, [b, fw, fh, rows // fw, cols // fh])
         return identity + self.norm2(cl.unfold(reps, fw, fh))
 
     def extra_repr(self) -> str:

@@ -21,9 +21,7 @@ mode and step aside under tracing.
 Official checkpoints (keys ``patch_embed.*``, ``network.*``) are mapped by
 :func:`checkpoint_filter_fn`; :func:`fec_core.load_checkpoint` loads a file.
 """
-import contextlib
 import numbers
-from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -33,9 +31,9 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from timm.models._features import feature_take_indices
 
 from .layers import ClusterBlock, ClusterEncode, ClusterPool, GroupNorm1, Stem, init_weights
+from .records import collect_records, official_name, recording, stage_and_block
 
-__all__ = ["FEC", "ClusterRecord", "VARIANTS", "SETTINGS", "checkpoint_filter_fn", "official_name",
-           "stage_and_block"]
+__all__ = ["FEC", "VARIANTS", "SETTINGS", "checkpoint_filter_fn"]
 
 #: Architecture of the three released variants (official ``models/fec.py``).
 VARIANTS: Dict[str, dict] = {
@@ -74,58 +72,6 @@ def _pair(v: PairOrInt, arg: str = "value") -> Tuple[int, int]:
 def _is_tracing() -> bool:
     """True inside a torch.fx symbolic trace (where input checks cannot look at shapes)."""
     return torch.fx._symbolic_trace.is_fx_symbolic_tracing()
-
-
-@dataclass
-class ClusterRecord:
-    """The assignment map of one clustering layer from one forward pass.
-
-    ``index``: for ``kind == 'encode'`` a LongTensor ``[B, heads, fold_w, fold_h, w, h]``;
-    for ``kind == 'pool'`` ``[B, fold_w, fold_h, w, h]``. ``(w, h)`` is the size of one fold
-    region of the layer's input feature map (rows, columns); the value is the index
-    of the winning center inside its region, row-major over the region's center grid
-    ``grid`` (``proposal`` for encode layers, ``(w/2, h/2)`` for pooling).
-    """
-
-    name: str
-    official_name: str
-    kind: str
-    stage: int
-    index: torch.Tensor
-    fold: Tuple[int, int]
-    grid: Tuple[int, int]
-
-    @property
-    def num_centers(self) -> int:
-        return self.grid[0] * self.grid[1]
-
-
-def stage_and_block(name: str) -> Tuple[int, Optional[int]]:
-    """Where a module of :class:`FEC` sits, from its name: ``stages.i.blocks.k...`` ->
-    ``(i, k)``, ``stages.i.downsample...`` (stage ``i``'s pooling layer) -> ``(i, None)``,
-    anything else (the stem, the head) -> ``(0, None)``."""
-    parts = name.split(".")
-    if parts[0] != "stages" or len(parts) < 2:
-        return 0, None
-    block = int(parts[3]) if len(parts) > 3 and parts[2] == "blocks" else None
-    return int(parts[1]), block
-
-
-def official_name(name: str) -> str:
-    """Our module name -> the official one: ``stages.i.blocks.k`` -> ``network.{2i}.k``,
-    ``stages.i.downsample`` -> ``network.{2i-1}``, ``stem`` -> ``patch_embed``, ``out_norms.i`` -> ``norm{2i}``."""
-    parts = name.split(".")
-    if parts[0] == "stem":
-        return ".".join(["patch_embed"] + parts[1:])
-    if parts[0] == "out_norms":
-        return ".".join([f"norm{2 * int(parts[1])}"] + parts[2:])
-    if parts[0] == "stages" and len(parts) > 2:
-        i = int(parts[1])
-        if parts[2] == "downsample":
-            return ".".join([f"network.{2 * i - 1}"] + parts[3:])
-        if parts[2] == "blocks":
-            return ".".join([f"network.{2 * i}"] + parts[3:])
-    return name
 
 
 def _check_head_args(num_classes, global_pool) -> None:
@@ -382,38 +328,19 @@ class FEC(nn.Module):
         or ``timm.create_model(name, features_only=True)``."""
         return self.forward_head(self.forward_features(x))
 
-    @contextlib.contextmanager
-    def recording(self):
-        """Context in which every clustering layer keeps its last assignment map."""
-        layers = self.clustering_layers()
-        for m in layers:
-            m.record, m.last_index = True, None
-        try:
-            yield layers
-        finally:
-            for m in layers:
-                m.record = False
-
     @torch.jit.unused
     def forward_with_clusters(self, x: torch.Tensor, intermediates: bool = False):
-        """Forward pass that also returns every clustering layer's assignments.
+        """Forward pass that also returns every clustering layer's assignments
+        (:mod:`fec_core.records`: why they are recorded here).
 
         Returns ``(output, records)``: ``output`` as :meth:`forward` (with
         ``intermediates=True``: the stage outputs of :meth:`forward_intermediates`), ``records`` a list of
-        :class:`ClusterRecord` in forward order (pooling and encode layers), e.g.
+        :class:`~fec_core.records.ClusterRecord` in forward order (pooling and encode layers), e.g.
         for ``fec_small`` at 224x224: 14 encode records and 3 pooling records.
         """
-        with self.recording() as layers:
+        with recording(self.clustering_layers()) as layers:
             out = self.forward_intermediates(x, intermediates_only=True) if intermediates else self(x)
-        records = []
-        for m in layers:
-            if m.last_index is None:  # a pruned or skipped layer
-                continue
-            idx = m.last_index
-            grid = m.proposal if m.kind == "encode" else (idx.shape[-2] // 2, idx.shape[-1] // 2)
-            records.append(ClusterRecord(m.name, m.official_name, m.kind, m.stage, idx, m.fold, grid))
-            m.last_index = None
-        return out, records
+        return out, collect_records(layers)
 
 
 # ---------------------------------------------------------------------------- timm glue

@@ -53,7 +53,7 @@ def golden_model(cfg, **kw):
 
 def official_state_dict(model, prefix=""):
     """``model``'s weights under the official code's key names (``network.*``, ``norm{2i}``), prefixed."""
-    from fec_core.model import official_name
+    from fec_core.records import official_name
 
     out = {}
     for k, v in model.state_dict().items():

@@ -57,9 +57,9 @@ def test_forward_with_clusters_records():
     assert all(not l.record for l in m.clustering_layers())  # recording switched off again
     # the stage of every record: from the module name, by the one helper
     assert [r.stage for r in pools] == [1, 2, 3] and [r.stage for r in encodes].count(2) == 5
-    assert fec_core.model.stage_and_block("stages.2.blocks.4.token_mixer") == (2, 4)
-    assert fec_core.model.stage_and_block("stages.3.downsample") == (3, None)
-    assert fec_core.model.stage_and_block("stem.proj") == (0, None)
+    assert fec_core.records.stage_and_block("stages.2.blocks.4.token_mixer") == (2, 4)
+    assert fec_core.records.stage_and_block("stages.3.downsample") == (3, None)
+    assert fec_core.records.stage_and_block("stem.proj") == (0, None)
 
 
 def test_bad_inputs_raise_clear_errors():
