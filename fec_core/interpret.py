@@ -32,7 +32,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -41,7 +40,7 @@ from .records import ClusterRecord, stage_and_block
 from .regions import kmeans_labels, number_by_area, one_thread
 
 __all__ = ["LayerMap", "stem_points", "pool_parents", "encode_clusters", "trace", "trace_clusters",
-           "select_layers", "merge_regions", "pool_key_centers", "paper_regions", "match_labels"]
+           "merge_regions", "pool_key_centers", "paper_regions"]
 
 @dataclass
 class LayerMap:
@@ -198,42 +197,6 @@ def trace_clusters(model: FEC, x: torch.Tensor, heads: Optional[Sequence[int]] =
     return out, trace(records, tuple(x.shape[-2:]), heads=heads), feats
 
 
-def select_layers(maps: Sequence[LayerMap], which: str = "all", head: Optional[int] = 0) -> List[LayerMap]:
-    """Pick the maps to draw: ``which`` is ``'all'`` (stem, pools and encode layers),
-    ``'pool'`` (stem and pools: the hierarchy), ``'encode'``, or a comma-separated list of
-    layer names or 0-based positions in the list of distinct layers. Encode layers keep
-    only ``head`` (``None``: every head)."""
-    names = []
-    for m in maps:
-        if m.name not in names:
-            names.append(m.name)
-    if which == "all":
-        keep = names
-    elif which == "pool":
-        keep = [n for n, m in zip(names, _first_of(maps, names)) if m.kind in ("stem", "pool")]
-    elif which == "encode":
-        keep = [n for n, m in zip(names, _first_of(maps, names)) if m.kind == "encode"]
-    else:
-        keep = []
-        for part in [p.strip() for p in which.split(",") if p.strip()]:
-            if part.lstrip("-").isdigit():
-                i = int(part)
-                if not -len(names) <= i < len(names):
-                    raise ValueError(f"layer {i} does not exist; the model has {len(names)} layers "
-                                     f"(0..{len(names) - 1})")
-                keep.append(names[i])
-            elif part in names:
-                keep.append(part)
-            else:
-                raise ValueError(f"unknown layer {part!r}; use 'all', 'pool', 'encode', positions or names such as "
-                                 f"{', '.join(names[:4])}")
-    return [m for m in maps if m.name in keep and (m.head is None or head is None or m.head == head)]
-
-
-def _first_of(maps: Sequence[LayerMap], names: Sequence[str]) -> List[LayerMap]:
-    return [next(m for m in maps if m.name == n) for n in names]
-
-
 # ---------------------------------------------------------------------------- merging
 def merge_regions(features: torch.Tensor, labels: torch.Tensor, k: int, seed: int = 0,
                   normalize: bool = True, n_init: int = 10, nonempty: bool = False) -> torch.Tensor:
@@ -317,21 +280,3 @@ def paper_regions(model: FEC, x: torch.Tensor, k: int, seed: int = 0) -> torch.T
     last = [m for m in maps if m.kind == "pool"][-1]
     centers = pool_key_centers(model, x)
     return merge_regions(centers, last.labels, k, seed=seed, normalize=False, n_init=1, nonempty=True)
-
-
-def match_labels(labels: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """Renumber ``labels`` ``[H, W]`` so that its regions best overlap ``reference``'s
-    (Hungarian matching of the overlap counts, scipy). Used to keep colors consistent
-    across panels; regions without a partner get new numbers after ``reference``'s."""
-    from scipy.optimize import linear_sum_assignment
-
-    a, ua = np.unique(labels, return_inverse=True)
-    r, ur = np.unique(reference, return_inverse=True)
-    overlap = np.zeros((len(a), len(r)), dtype=np.int64)
-    np.add.at(overlap, (ua.reshape(-1), ur.reshape(-1)), 1)
-    rows, cols = linear_sum_assignment(-overlap)
-    new = np.empty(len(a), dtype=np.int64)
-    new[rows] = r[cols]
-    rest = np.setdiff1d(np.arange(len(a)), rows)
-    new[rest] = int(reference.max()) + 1 + np.arange(len(rest))
-    return new[ua].reshape(labels.shape)

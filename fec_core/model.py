@@ -33,7 +33,7 @@ from timm.models._features import feature_take_indices
 from .layers import ClusterBlock, ClusterEncode, ClusterPool, GroupNorm1, Stem, init_weights
 from .records import collect_records, official_name, recording, stage_and_block
 
-__all__ = ["FEC", "VARIANTS", "SETTINGS", "checkpoint_filter_fn"]
+__all__ = ["FEC", "VARIANTS", "SETTINGS", "checkpoint_filter_fn", "input_multiple"]
 
 #: Architecture of the three released variants (official ``models/fec.py``).
 VARIANTS: Dict[str, dict] = {
@@ -341,6 +341,25 @@ class FEC(nn.Module):
         with recording(self.clustering_layers()) as layers:
             out = self.forward_intermediates(x, intermediates_only=True) if intermediates else self(x)
         return out, collect_records(layers)
+
+
+def input_multiple(model: FEC) -> int:
+    """The smallest ``m`` such that every ``H`` divisible by ``m`` passes all of ``model``'s
+    layers (stem stride 4, pooling by 2 per stage, fold regions of even size)."""
+    folds = [m.fold for m in model.clustering_layers()]
+    need = 4 * 2 ** (len(model.stages) - 1)
+    for mult in range(need, need * 64 + 1, need):
+        ok = True
+        for layer in model.clustering_layers():
+            size = mult // (4 * 2 ** layer.stage)
+            f = max(layer.fold)
+            if layer.kind == "pool":
+                ok &= (2 * size) % (2 * f) == 0
+            else:
+                ok &= size % f == 0
+        if ok:
+            return mult
+    raise ValueError(f"no input size fits the folds {folds}")
 
 
 # ---------------------------------------------------------------------------- timm glue

@@ -8,8 +8,8 @@ from conftest import tiny_model
 from fec_core import clustering as cl
 from fec_core.foreground import (border_share, evaluate_segmentation, foreground_from_regions, foreground_iou,
                                  kmeans_foreground, patch_oracle, segment_foreground)
-from fec_core.interpret import (encode_clusters, merge_regions, pool_parents, select_layers, stem_points,
-                                trace_clusters)
+from fec_core.interpret import encode_clusters, merge_regions, pool_parents, stem_points, trace_clusters
+from fec_core.visualize import select_layers
 
 
 def small_fec(**kw):

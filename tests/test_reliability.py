@@ -638,7 +638,7 @@ def photo(tmp_path):
 
 
 def _no_model(monkeypatch):
-    import fec_core.visualize as V
+    import fec_core.visualize.cli as V
 
     def refuse(*a, **k):
         raise AssertionError("the model was built before the check")
@@ -662,7 +662,7 @@ def test_visualize_output_checked_before_any_compute(tmp_path, photo, capsys, mo
 
 
 def test_visualize_head_and_layers_checked_before_the_real_work(tmp_path, photo, capsys, monkeypatch):
-    import fec_core.visualize as V
+    import fec_core.visualize.cli as V
 
     calls = []
     real = V._check_cost
@@ -680,8 +680,8 @@ def test_visualize_estimates_cost_and_refuses_without_force(tmp_path, capsys):
     with the estimate, unless --force. The estimate is the real MAC count within 1%."""
     import timm
 
-    from fec_core.costs import count_macs
-    from fec_core.visualize import estimate_macs, main as visualize
+    from fec_core.costs import count_macs, estimate_macs
+    from fec_core.visualize import main as visualize
 
     model = timm.create_model("fec_tiny")
     for h, w in ((224, 224), (448, 448), (256, 512)):

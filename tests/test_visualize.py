@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from fec_core.interpret import match_labels, merge_regions, select_layers, trace_clusters
+from fec_core.interpret import merge_regions, trace_clusters
+from fec_core.visualize import match_labels, select_layers
 
 
 def test_paint_mean_colors_and_matching():
