@@ -1,6 +1,8 @@
 """The package's structure: every module of fec_core imports alone, in an interpreter where no
 other module of fec_core was imported before it (an import cycle shows only in some order), no
-module re-exports names through a module ``__getattr__``."""
+module re-exports names through a module ``__getattr__``, and no module imports another
+module's private names."""
+import ast
 import os
 import subprocess
 import sys
@@ -57,3 +59,15 @@ def test_every_module_imports_alone_without_a_module_getattr():
     proc = subprocess.run([sys.executable, "-c", CHILD, *modules], capture_output=True, text=True, timeout=600,
                           env=env)
     assert proc.returncode == 0 and proc.stdout.strip().splitlines()[-1] == "OK", proc.stdout + proc.stderr[-4000:]
+
+
+def test_no_module_imports_another_modules_private_names():
+    """``from .x import _name`` would tie a module to another's internals: a name used across
+    modules is public where it is defined."""
+    private = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level > 0:
+                private += [f"{path.relative_to(PACKAGE)}: from {'.' * node.level}{node.module or ''} import {a.name}"
+                            for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not private, private

@@ -55,13 +55,16 @@ The parts: :mod:`~fec_core.bench.settings` (what to measure, checked first),
 :mod:`~fec_core.bench.cli`. Every public name is importable from ``fec_core.bench``.
 """
 from .cli import main, run_cli
-from .measure import device_name, literal_dense_bytes, peak_cpu_bytes, quiet_native_stderr
-from .official import load_official
+from .measure import (device_name, is_oom, literal_dense_bytes, measure_memory, peak_cpu_bytes, profile_table,
+                      quiet_native_stderr, step_fn, synchronize)
+from .official import agreement, build_official, load_official
 from .report import combine_rounds, merge_reports, plot, to_markdown
 from .runner import run
 from .settings import (DTYPES, KERNEL_PATHS, MODES, PATH_KERNEL_MODE, PATHS, BenchConfig, Result, check_config,
                        kernels_available)
 
 __all__ = ["BenchConfig", "Result", "run", "run_cli", "device_name", "peak_cpu_bytes", "literal_dense_bytes",
-           "quiet_native_stderr", "load_official", "merge_reports", "combine_rounds", "to_markdown", "plot",
-           "main", "kernels_available", "PATHS", "PATH_KERNEL_MODE", "KERNEL_PATHS"]
+           "quiet_native_stderr", "synchronize", "step_fn", "measure_memory", "profile_table", "is_oom",
+           "load_official", "build_official", "agreement", "merge_reports", "combine_rounds", "to_markdown", "plot",
+           "main", "kernels_available", "PATHS", "PATH_KERNEL_MODE", "KERNEL_PATHS", "MODES", "DTYPES",
+           "check_config"]

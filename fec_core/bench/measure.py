@@ -15,7 +15,8 @@ import torch.nn as nn
 
 from .settings import DTYPES
 
-__all__ = ["device_name", "peak_cpu_bytes", "literal_dense_bytes", "quiet_native_stderr"]
+__all__ = ["device_name", "peak_cpu_bytes", "literal_dense_bytes", "quiet_native_stderr", "synchronize", "step_fn",
+           "measure_memory", "profile_table", "is_oom"]
 
 
 def device_name(device: torch.device) -> str:
@@ -96,12 +97,13 @@ def literal_dense_bytes(model: nn.Module, batch: int, resolution: int, bytes_per
     return worst
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); nothing on a CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _step_fn(net: nn.Module, mode: str, dtype: str, x: torch.Tensor, y: torch.Tensor,
+def step_fn(net: nn.Module, mode: str, dtype: str, x: torch.Tensor, y: torch.Tensor,
              device: torch.device, before: Callable[[], None]) -> Callable[[], None]:
     """A closure running one inference or training step of ``net`` (``before()`` first:
     it puts our model on the path being timed)."""
@@ -133,20 +135,20 @@ def _step_fn(net: nn.Module, mode: str, dtype: str, x: torch.Tensor, y: torch.Te
     return train_step
 
 
-def _measure_memory(fn: Callable[[], None], device: torch.device):
+def measure_memory(fn: Callable[[], None], device: torch.device):
     """``(peak, base)`` bytes of one step: on CUDA the absolute peak and what was allocated
     before it; on CPU the peak above the level before the step (base ``None``)."""
     if device.type == "cuda":
-        _sync(device)
+        synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         fn()
-        _sync(device)
+        synchronize(device)
         return int(torch.cuda.max_memory_allocated(device)), int(base)
     return peak_cpu_bytes(fn), None
 
 
-def _profile_table(fn: Callable[[], None], device: torch.device, rows: int = 25) -> str:
+def profile_table(fn: Callable[[], None], device: torch.device, rows: int = 25) -> str:
     """The ``rows`` most expensive operators of one step, by device (or CPU) time."""
     from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -154,7 +156,7 @@ def _profile_table(fn: Callable[[], None], device: torch.device, rows: int = 25)
         warnings.simplefilter("ignore")
         with profile(activities=acts) as prof:
             fn()
-            _sync(device)
+            synchronize(device)
     keys = ("device_time_total", "cuda_time_total") if device.type == "cuda" else ("cpu_time_total",)
     for key in keys:  # the CUDA column's name changed across torch versions
         try:
@@ -164,5 +166,6 @@ def _profile_table(fn: Callable[[], None], device: torch.device, rows: int = 25)
     return prof.key_averages().table(row_limit=rows)
 
 
-def _is_oom(err: BaseException) -> bool:
+def is_oom(err: BaseException) -> bool:
+    """Whether ``err`` is the device (or the host) running out of memory."""
     return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from .settings import BenchConfig
 
-__all__ = ["load_official"]
+__all__ = ["load_official", "build_official", "agreement"]
 
 
 def load_official(path: str):
@@ -67,7 +67,7 @@ def load_official(path: str):
     return module
 
 
-def _build_official(cfg: BenchConfig, model: nn.Module, device: torch.device) -> nn.Module:
+def build_official(cfg: BenchConfig, model: nn.Module, device: torch.device) -> nn.Module:
     """The official model of the same variant; ``model`` (ours) gets its weights."""
     from ..model import checkpoint_filter_fn
     module = load_official(cfg.official)
@@ -81,7 +81,7 @@ def _build_official(cfg: BenchConfig, model: nn.Module, device: torch.device) ->
     return official.to(device)
 
 
-def _agreement(model: nn.Module, official: nn.Module, device: torch.device, resolution: int) -> dict:
+def agreement(model: nn.Module, official: nn.Module, device: torch.device, resolution: int) -> dict:
     """Largest output difference between ours (fast path) and the official code on two
     random images in float32: a check that both run the same model with the same weights."""
     gen = torch.Generator().manual_seed(1)

@@ -15,8 +15,8 @@ from typing import Callable, Dict, List
 import torch
 import torch.nn as nn
 
-from .measure import _is_oom, _measure_memory, _profile_table, _step_fn, _sync, device_name, literal_dense_bytes
-from .official import _agreement, _build_official
+from .measure import device_name, is_oom, literal_dense_bytes, measure_memory, profile_table, step_fn, synchronize
+from .official import agreement, build_official
 from .settings import KERNEL_PATHS, PATH_KERNEL_MODE, BenchConfig, Result, check_config, kernels_available
 
 __all__ = ["run"]
@@ -67,7 +67,7 @@ def _meta(cfg: BenchConfig, device: torch.device, model: nn.Module, official) ->
         meta["official"] = dict(file=os.path.basename(cfg.official),
                                 scatter=("index_add_ stand-in" if getattr(sys.modules.get("torch_scatter"),
                                          "__fec_core_stand_in__", False) else "torch_scatter"),
-                                agreement=_agreement(model, official, device, min(cfg.resolutions)))
+                                agreement=agreement(model, official, device, min(cfg.resolutions)))
     return meta
 
 
@@ -79,7 +79,7 @@ def _build_references(cfg: BenchConfig, device: torch.device) -> Dict[str, nn.Mo
 
 
 def _fail(res: Result, err: BaseException) -> None:
-    res.status = "oom" if _is_oom(err) else f"error: {type(err).__name__}: {err}"[:300]
+    res.status = "oom" if is_oom(err) else f"error: {type(err).__name__}: {err}"[:300]
 
 
 class _Setting:
@@ -104,7 +104,7 @@ class _Setting:
             try:
                 for _ in range(max(warmup, 1 if p.startswith("compiled") else 0)):  # compiled: compile now
                     self.steps[p]()
-                _sync(device)
+                synchronize(device)
             except Exception as err:  # noqa: BLE001 - report and go on with the other paths
                 self.drop(p, err, device)
 
@@ -115,10 +115,10 @@ class _Setting:
         for _ in range(iters):
             for p in list(self.steps):
                 try:
-                    _sync(device)
+                    synchronize(device)
                     t0, c0 = time.perf_counter(), time.process_time()
                     self.steps[p]()
-                    _sync(device)
+                    synchronize(device)
                     self.wall[p].append(time.perf_counter() - t0)
                     self.cpu[p].append(time.process_time() - c0)
                 except Exception as err:  # noqa: BLE001
@@ -134,12 +134,12 @@ class _Setting:
             res.times_ms = [round(1e3 * t, 3) for t in wall]
             if cfg.memory:
                 try:
-                    res.peak_mem_bytes, res.base_mem_bytes = _measure_memory(step, device)
+                    res.peak_mem_bytes, res.base_mem_bytes = measure_memory(step, device)
                 except Exception as err:  # noqa: BLE001
-                    res.status = "oom" if _is_oom(err) else res.status
+                    res.status = "oom" if is_oom(err) else res.status
             if cfg.profile:
                 try:
-                    table = _profile_table(step, device)
+                    table = profile_table(step, device)
                 except Exception as err:  # noqa: BLE001
                     table = f"profiler failed: {type(err).__name__}: {err}"
                 profiles.append(dict(model=cfg.model, path=p, mode=res.mode, dtype=res.dtype, batch=res.batch,
@@ -177,7 +177,7 @@ def _run(cfg: BenchConfig, progress: bool) -> dict:
 
     device = check_config(cfg)
     model = _build(cfg, device)
-    official = _build_official(cfg, model, device) if "official" in cfg.paths else None
+    official = build_official(cfg, model, device) if "official" in cfg.paths else None
     nets = dict(_build_references(cfg, device))
     names = list(cfg.paths) + list(nets)
     meta = _meta(cfg, device, model, official)
@@ -219,7 +219,7 @@ def _run(cfg: BenchConfig, progress: bool) -> dict:
                 if (p, mode) not in compiled:
                     compiled[(p, mode)] = torch.compile(ours)
                 net = compiled[(p, mode)]
-            setting.steps[p] = _step_fn(net, mode, dt, x, y, device, _on_path(model, p))
+            setting.steps[p] = step_fn(net, mode, dt, x, y, device, _on_path(model, p))
         setting.warm_up(cfg.warmup, device)
         setting.time(cfg.iters, device)
         setting.record(cfg, device, profiles)
