@@ -85,8 +85,9 @@ center each point picks.
 Package layout (one concern per module): :mod:`~fec_core.train.config` (presets and
 :class:`TrainConfig`), :mod:`~fec_core.train.metrics`, :mod:`~fec_core.train.build` (datasets,
 model), :mod:`~fec_core.train.distributed` (processes, devices, seeds),
-:mod:`~fec_core.train.runfiles` (the run's files, safe under kills),
-:mod:`~fec_core.train.loop` (:func:`fit`), :mod:`~fec_core.train.evaluation` (:func:`evaluate`),
+:mod:`~fec_core.train.runfiles` (the run's files, safe under kills, and resuming from them),
+:mod:`~fec_core.train.loop` (:func:`fit`, :func:`evaluate_config`), :mod:`~fec_core.train.evaluation`
+(:func:`evaluate`),
 :mod:`~fec_core.train.curves` and :mod:`~fec_core.train.cli`.
 Everything public is importable from ``fec_core.train`` itself.
 """
@@ -95,10 +96,11 @@ from .cli import main
 from .config import BUILTIN_DATASETS, OFFICIAL_IMAGENET_RECIPE, PRESETS, TrainConfig
 from .curves import plot_history, read_history
 from .evaluation import FitResult, evaluate
-from .loop import fit
+from .loop import evaluate_config, fit
 from .metrics import Accuracy, BatchMean, MeanIoU, Metric, iou_per_class
 from .runfiles import SaveError
 
-__all__ = ["TrainConfig", "PRESETS", "OFFICIAL_IMAGENET_RECIPE", "FitResult", "fit", "evaluate", "build_datasets", "build_model",
+__all__ = ["TrainConfig", "PRESETS", "OFFICIAL_IMAGENET_RECIPE", "FitResult", "fit", "evaluate", "evaluate_config",
+           "build_datasets", "build_model",
            "load_pretrained", "freeze_similarity", "plot_history", "read_history", "Metric", "Accuracy", "MeanIoU",
            "BatchMean", "iou_per_class", "SaveError", "main"]

@@ -17,14 +17,12 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from ..checkpoint import CheckpointError, trusted
 from ..cliutil import DEBUG_HELP, one_line, print_error
-from .build import build_datasets, build_model
 from .config import PRESETS, TrainConfig
 from .curves import plot_history
-from .distributed import Shard, amp_dtype_for, init_distributed, resolve_device
-from .evaluation import evaluate
-from .loop import fit
-from .runfiles import SAFETENSORS, SaveError, Terminated, load_model_state, read_training_checkpoint, saved_epoch
+from .loop import evaluate_config, fit
+from .runfiles import SAFETENSORS, SaveError, Terminated, saved_epoch
 
 __all__ = ["main"]
 
@@ -164,8 +162,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     torchrun, says the epoch and how to resume). Files given to ``--resume`` / ``--pretrained``
     are read without running code (:func:`fec_core.checkpoint.read_file`) unless
     ``--trust-checkpoint``."""
-    from ..checkpoint import trusted
-
     p = _parser()
     ns = vars(p.parse_args(argv))
     evaluate_only, progress = ns.get("evaluate", False), ns.get("progress", True)
@@ -176,13 +172,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _main(ns: Dict[str, Any], evaluate_only: bool, progress: bool, debug: bool = False) -> int:
-    from ..checkpoint import CheckpointError
-
     cfg = None
     try:
         cfg = _config_from_args(ns)
         if evaluate_only:
-            return _evaluate_cli(cfg, progress)
+            res, source, n = evaluate_config(cfg, progress)
+            if _rank0():
+                print(f"evaluated {source} on {n} validation images")
+                print(json.dumps({k: round(v, 6) for k, v in res.items()}))
+            return 0
         if cfg.output_dir is None and cfg.resume is None:
             cfg.output_dir = os.path.join("runs", f"{cfg.dataset}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}")
         result = fit(cfg, progress=progress)
@@ -219,36 +217,3 @@ def _main(ns: Dict[str, Any], evaluate_only: bool, progress: bool, debug: bool =
         print(f"saved in {result.output_dir}: latest.pt, best.pt (epoch {result.best_epoch})"
               f"{f', {SAFETENSORS} (its weights)' if weights else ''}, metrics.jsonl, config.json{curves}")
     return 0
-
-
-def _evaluate_cli(cfg: TrainConfig, progress: bool) -> int:
-    from ..checkpoint import CheckpointError
-
-    d = init_distributed(cfg.device)
-    device = resolve_device(cfg.device, d)
-    _, val_set = build_datasets(cfg)
-    classes = getattr(val_set, "classes", None)
-    source = "random initial weights (no --resume or --pretrained given)"
-    if cfg.resume:
-        ckpt = read_training_checkpoint(cfg.resume)
-        model = build_model(dataclasses.replace(cfg, pretrained=None), ckpt.get("num_classes") or len(classes))
-        state = ckpt["state_dict_ema"] if cfg.ema and ckpt.get("state_dict_ema") is not None else ckpt["model"]
-        load_model_state(model, state, ckpt["path"], f"{ckpt.get('model_name') or ckpt['config'].get('model')}")
-        source = ckpt["path"] + (" (EMA weights)" if state is ckpt.get("state_dict_ema") else "")
-    else:
-        model = build_model(cfg, cfg.num_classes or len(classes))
-        if cfg.pretrained:
-            source = cfg.pretrained
-    if classes and getattr(model, "num_classes", len(classes)) != len(classes):
-        raise CheckpointError(f"the weights have {model.num_classes} classes but the dataset has {len(classes)}")
-    model.to(device)
-    loader = torch.utils.data.DataLoader(val_set, batch_size=cfg.batch_size,
-                                         sampler=Shard(len(val_set), d.rank, d.world), num_workers=cfg.workers)
-    res = evaluate(model, loader, device=device, amp_dtype=amp_dtype_for(cfg.amp, device), progress=progress and d.main)
-    if d.main:
-        print(f"evaluated {source} on {len(val_set)} validation images")
-        print(json.dumps({k: round(v, 6) for k, v in res.items()}))
-    if d.owned:
-        dist.destroy_process_group()
-    return 0
-

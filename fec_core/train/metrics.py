@@ -1,15 +1,20 @@
 """Metrics accumulated over batches and reduced over processes (chapter 10):
 :class:`Accuracy`, :class:`MeanIoU` (with :func:`iou_per_class`), :class:`BatchMean`.
 
-Our own rather than ``torchmetrics`` (not a dependency) or ``timm.utils.accuracy`` (a
-per-batch function): the state here is summed across DDP processes at the end of an epoch."""
+:class:`Accuracy` counts with ``timm.utils.accuracy`` and :class:`BatchMean` averages with
+``timm.utils.AverageMeter``. What is ours is what DDP needs: each metric keeps counts and sums
+(not a batch's percentage or a process's mean), summed across the processes at the end of an
+epoch (:meth:`Metric.all_reduce`), so that every sample counts once whatever the shard sizes.
+"""
 from __future__ import annotations
 
 from typing import Callable, Dict, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
+from timm.utils import AverageMeter, accuracy
+
+from .distributed import sum_over_processes
 
 __all__ = ["Metric", "Accuracy", "iou_per_class", "MeanIoU", "BatchMean", "as_metric", "IGNORE_INDEX",
            "is_per_pixel"]
@@ -52,11 +57,7 @@ class Metric:
 
     def all_reduce(self) -> None:
         """Sum the state over all processes (a no-op without torch.distributed)."""
-        if dist.is_available() and dist.is_initialized():
-            for k, v in self.state.items():
-                t = v.clone()
-                dist.all_reduce(t)
-                self.state[k] = t
+        sum_over_processes(*self.state.values())
 
 
 class Accuracy(Metric):
@@ -75,10 +76,8 @@ class Accuracy(Metric):
     def update(self, output: torch.Tensor, target: torch.Tensor) -> None:
         if target.ndim == 2:
             target = target.argmax(1)
-        k = min(max(self.topk), output.shape[1])
-        pred = output.topk(k, dim=1).indices
-        hit = pred.eq(target.view(-1, 1))
-        correct = torch.stack([hit[:, :min(t, k)].any(1).sum() for t in self.topk]).to(torch.float64)
+        percent = torch.stack(accuracy(output, target, topk=self.topk))  # this batch's, float32
+        correct = (percent.double() * target.numel() / 100).round()  # back to counts: exact
         dev = self.state["correct"].device
         if dev != correct.device:
             self.state = {k_: v.to(correct.device) for k_, v in self.state.items()}
@@ -134,7 +133,8 @@ class MeanIoU(Metric):
 
 
 class BatchMean(Metric):
-    """Wraps a plain ``fn(output, target) -> float`` (a batch mean): the sample-weighted mean."""
+    """Wraps a plain ``fn(output, target) -> float`` (a batch mean): the sample-weighted mean,
+    kept by a ``timm.utils.AverageMeter`` (its sum and count are what :meth:`all_reduce` sums)."""
 
     def __init__(self, fn: Callable, name: Optional[str] = None):
         self.fn = fn
@@ -142,16 +142,19 @@ class BatchMean(Metric):
         super().__init__()
 
     def reset(self) -> None:
-        self.state = {"sum": torch.zeros((), dtype=torch.float64), "count": torch.zeros((), dtype=torch.float64)}
+        self.meter = AverageMeter()
 
     def update(self, output: torch.Tensor, target: torch.Tensor) -> None:
         value = self.fn(output, target)
-        value = value.item() if isinstance(value, torch.Tensor) else float(value)
-        self.state["sum"] += value * len(target)
-        self.state["count"] += len(target)
+        self.meter.update(value.item() if isinstance(value, torch.Tensor) else float(value), len(target))
+
+    def all_reduce(self) -> None:
+        totals = torch.tensor([self.meter.sum, self.meter.count], dtype=torch.float64)
+        sum_over_processes(totals)
+        self.meter.sum, self.meter.count = totals.tolist()
 
     def compute(self) -> Dict[str, float]:
-        return {self.name: self.state["sum"].item() / max(self.state["count"].item(), 1.0)}
+        return {self.name: self.meter.sum / max(self.meter.count, 1.0)}
 
 
 def as_metric(metric) -> Metric:
