@@ -11,6 +11,7 @@ import os
 import shlex
 import sys
 import time
+import typing
 import warnings
 from typing import Any, Dict, Optional, Sequence
 
@@ -28,7 +29,6 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    S = argparse.SUPPRESS
     p = argparse.ArgumentParser(
         prog="python -m fec_core.train",
         description="Train FEC. Defaults: the official training script's ImageNet recipe (without its cool-down "
@@ -38,46 +38,10 @@ def _parser() -> argparse.ArgumentParser:
                "  torchrun --nproc_per_node=8 -m fec_core.train --data-dir /data/imagenet --model fec_small\n"
                "  python -m fec_core.train --resume runs/<run>          # continue\n"
                "  python -m fec_core.train --evaluate --resume runs/<run>/best.pt",
-        formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=S)
+        formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS)
+    for f in dataclasses.fields(TrainConfig):
+        _add_field_option(p, f, _FIELD_TYPES[f.name])
     a = p.add_argument
-    a("--dataset", choices=sorted(PRESETS), help="digits, shapes (offline) or imagefolder (default with --data-dir)")
-    a("--data-dir", dest="data_dir", help="ImageNet-layout folder with train/<class>/* and val/<class>/*")
-    a("--model", help="timm model name (fec_tiny, fec_small, fec_base, fec_large)")
-    a("--img-size", dest="img_size", type=int)
-    a("--num-classes", dest="num_classes", type=int)
-    a("--epochs", type=int, help="with --resume: another number re-plans the learning-rate schedule (said in the log)")
-    a("-b", "--batch-size", dest="batch_size", type=int, help="per process")
-    a("--lr", type=float, help="peak lr (default: lr-base x global batch / 1024)")
-    a("--lr-base", dest="lr_base", type=float, help="lr per 1024 images (paper: 1e-3)")
-    a("--min-lr", dest="min_lr", type=float)
-    a("--warmup-lr", dest="warmup_lr", type=float)
-    a("--warmup-epochs", dest="warmup_epochs", type=int)
-    a("--cooldown-epochs", dest="cooldown_epochs", type=int)
-    a("--weight-decay", dest="weight_decay", type=float)
-    a("--opt", help="timm optimizer name (adamw)")
-    a("--sched", help="timm scheduler name (cosine)")
-    a("--clip-grad", dest="clip_grad", type=float)
-    a("--smoothing", type=float)
-    a("--mixup", type=float)
-    a("--cutmix", type=float)
-    a("--drop-path", dest="drop_path", type=float)
-    a("--aa", dest="auto_augment", help="RandAugment policy for image folders, 'none' to disable")
-    a("--reprob", dest="re_prob", type=float, help="random erasing probability (image folders)")
-    a("--no-aug", dest="augment", action="store_false", help="no training augmentation")
-    a("--workers", type=int)
-    a("--val-fraction", dest="val_fraction", type=float, help="digits: held-out share")
-    a("--train-samples", dest="train_samples", type=int, help="shapes")
-    a("--val-samples", dest="val_samples", type=int, help="shapes")
-    a("--ema", action="store_true", help="keep an EMA of the weights (best.pt is chosen by EMA's metric)")
-    a("--ema-decay", dest="ema_decay", type=float)
-    a("--amp", choices=("auto", "bf16", "fp16", "off"))
-    a("--pretrained", help="official checkpoint to start from (new head for another number of classes)")
-    a("--resume", help="checkpoint file or run folder to continue (its config is reused)")
-    a("--output-dir", dest="output_dir", help="default: runs/<dataset>-<model>-<time>")
-    a("--seed", type=int)
-    a("--device", help="auto, cpu, cuda, cuda:1")
-    a("--threads", type=int, help="CPU threads for PyTorch (0: PyTorch's choice; digits/shapes presets: 1)")
-    a("--find-unused-parameters", dest="find_unused_parameters", action="store_true")
     a("--evaluate", action="store_true", help="only evaluate (weights from --resume or --pretrained)")
     a("--no-progress", dest="progress", action="store_false")
     a("--trust-checkpoint", dest="trust_checkpoint", action="store_true",
@@ -85,6 +49,26 @@ def _parser() -> argparse.ArgumentParser:
            "values; this runs any code the file carries: only for files from a source you trust")
     a("--debug", action="store_true", help=DEBUG_HELP)
     return p
+
+
+#: The type of every TrainConfig field (``Optional[int]`` -> ``int``), from its annotation.
+_FIELD_TYPES = {name: next((t for t in typing.get_args(hint) if t is not type(None)), hint)
+                for name, hint in typing.get_type_hints(TrainConfig).items()}
+
+
+def _add_field_option(p: argparse.ArgumentParser, f: dataclasses.Field, kind: type) -> None:
+    """The option of one :class:`TrainConfig` field: ``--field-name`` (or its metadata's
+    ``flags``), its type, choices and help; a switch for a boolean (``--no-...`` where the field
+    is on by default or by preset); the help gives the default where it does not say it."""
+    meta = f.metadata
+    flags = meta["flags"] or ("--" + f.name.replace("_", "-"),)
+    default = "" if meta["preset"] or f.default is None or "default" in meta["help"] else f" (default {f.default})"
+    text = meta["help"] + (" (default: the dataset's preset)" if meta["preset"] else default)
+    if kind is bool:
+        on = f.default is True or meta["preset"]
+        p.add_argument(*flags, dest=f.name, action="store_false" if on else "store_true", help=meta["help"])
+    else:
+        p.add_argument(*flags, dest=f.name, type=kind, choices=meta["choices"], help=text)
 
 
 def _config_from_args(args: Dict[str, Any]) -> TrainConfig:

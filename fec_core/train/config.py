@@ -13,6 +13,8 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
+from .runfiles import read_training_checkpoint
+
 __all__ = ["OFFICIAL_IMAGENET_RECIPE", "PRESETS", "BUILTIN_DATASETS", "TrainConfig"]
 
 #: The official training script's ImageNet-1k settings (``dataset='imagefolder'``): the
@@ -50,81 +52,96 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 BUILTIN_DATASETS = ("digits", "shapes")
 
 
+def _option(default: Any, help: str, *, preset: bool = False, flags: Tuple[str, ...] = (),
+            choices: Optional[Tuple[str, ...]] = None):
+    """A :class:`TrainConfig` field and its command-line option (:mod:`fec_core.train.cli` builds
+    the parser from these): ``help`` documents both; ``preset``: ``None`` by default, filled from
+    :data:`PRESETS`; ``flags``: the option's names where they are not ``--field-name`` (timm's
+    ``train.py`` spellings such as ``--aa``, or ``--no-...`` for a switch that is on by default);
+    ``choices``: the values it accepts."""
+    return dataclasses.field(default=default, metadata=dict(help=help, preset=preset, flags=flags, choices=choices))
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run needs; saved in every checkpoint.
 
     Fields marked *preset* default to ``None`` and are filled from :data:`PRESETS` for
-    ``dataset`` when the config is made (explicit values win).
+    ``dataset`` when the config is made (explicit values win). Each field's help is its
+    metadata (``dataclasses.fields(TrainConfig)``), the same text as the help of its option in
+    ``python -m fec_core.train --help``. The groups:
 
-    Data: ``dataset`` ``'imagefolder'`` (ImageNet layout under ``data_dir``: ``train/<class>/*``,
-    ``val/<class>/*``), ``'digits'`` or ``'shapes'``; ``img_size`` (*preset*); ``num_classes``
-    (``None``: from the dataset); ``val_fraction`` (digits: the held-out share, stratified);
-    ``train_samples`` / ``val_samples`` (shapes); ``shapes_target`` ``'label'`` or ``'mask'``;
-    ``workers`` (*preset*, DataLoader processes).
-    Model: ``model`` (*preset*, a timm name such as ``fec_tiny``/``fec_small``), ``drop_path``
-    (*preset*), ``pretrained`` (an official checkpoint file; the head is replaced when the
-    number of classes differs), ``freeze_similarity`` (freeze the pooling layers' ``conv_f``,
-    see the module docstring).
-    Optimization: ``epochs``, ``batch_size`` (per process), ``lr`` (peak; ``None``: ``lr_base *
-    global batch / 1024``), ``lr_base``, ``min_lr``, ``warmup_lr``, ``warmup_epochs``,
-    ``cooldown_epochs``, ``weight_decay`` (all *preset*), ``opt`` ('adamw'), ``sched`` ('cosine'),
-    ``clip_grad`` (max grad norm or ``None``).
-    Regularization (*preset*): ``smoothing``, ``mixup``, ``cutmix`` (alphas; 0 = off),
-    ``auto_augment`` (image folders; ``''``/``'none'`` = off), ``re_prob`` (random erasing, image
-    folders), ``augment`` (``False``: no training augmentation at all).
-    Extras: ``ema`` (keep an EMA of the weights, ``timm.utils.ModelEmaV3``), ``ema_decay``,
-    ``amp`` ('auto': bf16 on GPUs that support it, else fp16 with a grad scaler, none on a
-    CPU; or 'bf16', 'fp16', 'off').
-    Bookkeeping: ``output_dir`` (``None``: save nothing), ``resume`` (a checkpoint file or run
-    folder), ``seed``, ``device`` ('auto', 'cpu', 'cuda', 'cuda:1'), ``threads`` (CPU threads
-    for PyTorch during ``fit``, restored afterwards; 0 leaves PyTorch's choice; the small presets use 1:
-    their tiny convolutions gain little from more, a busy machine loses a lot, and one thread
-    gives the same numbers from run to run on one machine), ``find_unused_parameters``
-    (DDP, for custom models with parameters that get no gradient), ``log_interval`` (steps).
+    * data: ``dataset``, ``data_dir``, ``img_size``, ``num_classes``, ``val_fraction``,
+      ``train_samples``, ``val_samples``, ``shapes_target``, ``workers``;
+    * model: ``model``, ``drop_path``, ``pretrained``, ``freeze_similarity`` (freeze the
+      pooling layers' ``conv_f``, see :mod:`fec_core.train`);
+    * optimization: ``epochs``, ``batch_size`` (per process), ``lr``, ``lr_base``, ``min_lr``,
+      ``warmup_lr``, ``warmup_epochs``, ``cooldown_epochs``, ``weight_decay``, ``opt``,
+      ``sched``, ``clip_grad``;
+    * regularization: ``smoothing``, ``mixup``, ``cutmix``, ``auto_augment``, ``re_prob``,
+      ``augment``;
+    * extras: ``ema``, ``ema_decay``, ``amp``;
+    * bookkeeping: ``output_dir``, ``resume``, ``seed``, ``device``, ``threads``,
+      ``find_unused_parameters``, ``log_interval``.
     """
 
-    dataset: str = "imagefolder"
-    data_dir: Optional[str] = None
-    model: Optional[str] = None
-    img_size: Optional[int] = None
-    num_classes: Optional[int] = None
-    epochs: Optional[int] = None
-    batch_size: Optional[int] = None
-    lr: Optional[float] = None
-    lr_base: Optional[float] = None
-    min_lr: Optional[float] = None
-    warmup_lr: Optional[float] = None
-    warmup_epochs: Optional[int] = None
-    cooldown_epochs: Optional[int] = None
-    weight_decay: Optional[float] = None
-    opt: str = "adamw"
-    sched: str = "cosine"
-    clip_grad: Optional[float] = None
-    smoothing: Optional[float] = None
-    mixup: Optional[float] = None
-    cutmix: Optional[float] = None
-    drop_path: Optional[float] = None
-    auto_augment: Optional[str] = None
-    re_prob: Optional[float] = None
-    augment: Optional[bool] = None
-    workers: Optional[int] = None
-    val_fraction: float = 0.25
-    train_samples: int = 2000
-    val_samples: int = 500
-    shapes_target: str = "label"
-    ema: bool = False
-    ema_decay: float = 0.9998
-    amp: str = "auto"
-    pretrained: Optional[str] = None
-    freeze_similarity: bool = True
-    output_dir: Optional[str] = None
-    resume: Optional[str] = None
-    seed: int = 0
-    device: str = "auto"
-    threads: Optional[int] = None
-    find_unused_parameters: bool = False
-    log_interval: int = 20
+    dataset: str = _option("imagefolder", "'imagefolder' (the ImageNet layout under data_dir: train/<class>/* and "
+                                          "val/<class>/*; the default with --data-dir), or the offline 'digits' or "
+                                          "'shapes'", choices=tuple(sorted(PRESETS)))
+    data_dir: Optional[str] = _option(None, "the folder holding train/<class>/* and val/<class>/* (imagefolder)")
+    model: Optional[str] = _option(None, "timm model name (fec_tiny, fec_small, fec_base, fec_large)", preset=True)
+    img_size: Optional[int] = _option(None, "input side in pixels", preset=True)
+    num_classes: Optional[int] = _option(None, "classifier size (default: the dataset's number of classes)")
+    epochs: Optional[int] = _option(None, "epochs to train; with --resume another number re-plans the learning-rate "
+                                          "schedule (said in the log)", preset=True)
+    batch_size: Optional[int] = _option(None, "batch size per process", preset=True, flags=("-b", "--batch-size"))
+    lr: Optional[float] = _option(None, "peak learning rate (default: lr_base x global batch / 1024)")
+    lr_base: Optional[float] = _option(None, "learning rate per 1,024 images (the official script: 1e-3)", preset=True)
+    min_lr: Optional[float] = _option(None, "learning rate at the end of the cosine schedule", preset=True)
+    warmup_lr: Optional[float] = _option(None, "learning rate at the start of the warm-up", preset=True)
+    warmup_epochs: Optional[int] = _option(None, "epochs of linear warm-up", preset=True)
+    cooldown_epochs: Optional[int] = _option(None, "epochs at min_lr after the schedule (the official script: 10)",
+                                             preset=True)
+    weight_decay: Optional[float] = _option(None, "AdamW's weight decay (none on 1-D parameters)", preset=True)
+    opt: str = _option("adamw", "timm optimizer name")
+    sched: str = _option("cosine", "timm scheduler name")
+    clip_grad: Optional[float] = _option(None, "maximum gradient norm (default: no clipping)")
+    smoothing: Optional[float] = _option(None, "label smoothing", preset=True)
+    mixup: Optional[float] = _option(None, "Mixup alpha (0: off)", preset=True)
+    cutmix: Optional[float] = _option(None, "CutMix alpha (0: off)", preset=True)
+    drop_path: Optional[float] = _option(None, "drop-path rate of the last block (linear in depth)", preset=True)
+    auto_augment: Optional[str] = _option(None, "RandAugment policy for image folders ('' or 'none': off)",
+                                          preset=True, flags=("--aa",))
+    re_prob: Optional[float] = _option(None, "random erasing probability (image folders)", preset=True,
+                                       flags=("--reprob",))
+    augment: Optional[bool] = _option(None, "training augmentation (--no-aug: none at all)", preset=True,
+                                      flags=("--no-aug",))
+    workers: Optional[int] = _option(None, "DataLoader worker processes", preset=True)
+    val_fraction: float = _option(0.25, "digits: the held-out share (stratified)")
+    train_samples: int = _option(2000, "shapes: training images")
+    val_samples: int = _option(500, "shapes: validation images")
+    shapes_target: str = _option("label", "shapes: 'label' (one class per image) or 'mask' (a class per pixel)",
+                                 choices=("label", "mask"))
+    ema: bool = _option(False, "keep an EMA of the weights (timm.utils.ModelEmaV3; best.pt is chosen by its metric)")
+    ema_decay: float = _option(0.9998, "EMA decay per update")
+    amp: str = _option("auto", "mixed precision: 'auto' (bf16 on GPUs that support it, else fp16 with a loss scaler; "
+                               "none on a CPU), 'bf16', 'fp16' or 'off'", choices=("auto", "bf16", "fp16", "off"))
+    pretrained: Optional[str] = _option(None, "an official (or fec_core) checkpoint to start from; the head is "
+                                              "replaced when the number of classes differs")
+    freeze_similarity: bool = _option(True, "freeze the pooling layers' conv_f, which only feeds an argmax "
+                                            "(--no-freeze-similarity: leave it to the optimizer, which skips it)",
+                                      flags=("--no-freeze-similarity",))
+    output_dir: Optional[str] = _option(None, "the run folder (None: save nothing; the command line's default: "
+                                              "runs/<dataset>-<model>-<time>)")
+    resume: Optional[str] = _option(None, "a checkpoint file or run folder to continue (its config is reused)")
+    seed: int = _option(0, "seed of the model, the data order and the augmentations")
+    device: str = _option("auto", "'auto', 'cpu', 'cuda' or 'cuda:<index>'")
+    threads: Optional[int] = _option(None, "CPU threads for PyTorch during the run, restored afterwards (0: "
+                                           "PyTorch's choice; the small presets use 1: their tiny convolutions gain "
+                                           "little from more, a busy machine loses a lot, and one thread gives the "
+                                           "same numbers from run to run)", preset=True)
+    find_unused_parameters: bool = _option(False, "DDP: for custom models with parameters that get no gradient")
+    log_interval: int = _option(20, "steps between updates of the progress bar's loss")
 
     def __post_init__(self):
         kind = self.dataset if self.dataset in PRESETS else None
@@ -137,13 +154,11 @@ class TrainConfig:
                 setattr(self, name, value)
         if self.auto_augment in ("", "none", "None"):
             self.auto_augment = None
-        _validate(self)
+        _check_fields(self)
 
     @classmethod
     def from_checkpoint(cls, path: str, **overrides) -> "TrainConfig":
         """The config a checkpoint (file or run folder) was trained with, updated by ``overrides``."""
-        from .runfiles import read_training_checkpoint
-
         ckpt = read_training_checkpoint(path)
         known = {f.name for f in dataclasses.fields(cls)}
         saved = {k: v for k, v in ckpt["config"].items() if k in known}
@@ -178,7 +193,7 @@ def _rule_text(kind, lo, hi, lo_in, hi_in) -> str:
     return f"{what} in {'[' if lo_in else '('}{lo}, {hi}{']' if hi_in else ')'}"
 
 
-def _validate(cfg: "TrainConfig") -> None:
+def _check_fields(cfg: "TrainConfig") -> None:
     """A ``ValueError`` / ``TypeError`` naming the field, its value and what is allowed."""
     for name, (kind, lo, hi, lo_in, hi_in) in _RULES.items():
         v = getattr(cfg, name)
@@ -190,10 +205,10 @@ def _validate(cfg: "TrainConfig") -> None:
         if not math.isfinite(v) or (v < lo if lo_in else v <= lo) or (
                 hi is not None and (v > hi if hi_in else v >= hi)):
             raise ValueError(f"{name} must be {_rule_text(kind, lo, hi, lo_in, hi_in)}, got {v!r}")
-    choices = {"amp": ("auto", "bf16", "fp16", "off"), "shapes_target": ("label", "mask")}
-    for name, allowed in choices.items():
-        if getattr(cfg, name) not in allowed:
-            raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {getattr(cfg, name)!r}")
+    for f in dataclasses.fields(cfg):
+        allowed = f.metadata["choices"]
+        if allowed and getattr(cfg, f.name) not in allowed:
+            raise ValueError(f"{f.name} must be one of {', '.join(map(repr, allowed))}, got {getattr(cfg, f.name)!r}")
     if cfg.device != "auto":
         try:
             torch.device(cfg.device)
