@@ -6,25 +6,37 @@ matplotlib's ``sample_data/grace_hopper.jpg``, scikit-learn's ``china.jpg`` and
 images are drawn procedurally, deterministic from a seed.
 
 For training (chapter 10): :func:`digits_datasets`, :func:`shapes_datasets` (torch
-Datasets built from the arrays above) and :class:`ImageFolderDataset` /
-:func:`image_folder_datasets` for folders in the ImageNet layout.
+Datasets built from the arrays above) and :class:`ImageFolderDataset` (torchvision's
+``ImageFolder`` with clear errors) / :func:`image_folder_datasets` for folders in the
+ImageNet layout.
+
+ImageNet normalization (:func:`normalize`) is torchvision's with timm's
+``IMAGENET_DEFAULT_MEAN`` / ``IMAGENET_DEFAULT_STD``, the statistics the models' ``default_cfgs``
+name.
 """
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional, Tuple
 
+import matplotlib
 import numpy as np
+import sklearn.datasets
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from sklearn.model_selection import train_test_split
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torchvision.datasets import ImageFolder
+from torchvision.datasets import folder as tv_folder
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
-__all__ = ["PHOTOGRAPHS", "photograph", "photograph_path", "sample_image", "sample_image_path", "to_tensor", "normalize", "denormalize",
-           "SHAPE_CLASSES", "make_shapes", "load_digits_arrays", "IMAGENET_MEAN", "IMAGENET_STD",
-           "TensorImageDataset", "builtin_transform", "stratified_split", "digits_datasets", "shapes_datasets",
-           "ImageFolderDataset", "image_folder_datasets", "IMG_EXTENSIONS"]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+__all__ = ["PHOTOGRAPHS", "photograph", "photograph_path", "sample_image", "sample_image_path", "to_tensor",
+           "normalize", "denormalize", "SHAPE_CLASSES", "make_shapes", "load_digits_arrays", "TensorImageDataset",
+           "builtin_transform", "stratified_split", "digits_datasets", "shapes_datasets", "ImageFolderDataset",
+           "image_folder_datasets"]
 
 
 #: The photographs that ship inside the dependencies, by name: what they show and where
@@ -38,15 +50,9 @@ PHOTOGRAPHS = {
 
 def photograph_path(name: str = "hopper") -> str:
     """Path of the bundled photograph ``name`` (one of :data:`PHOTOGRAPHS`)."""
-    import os
-
     if name == "hopper":
-        import matplotlib
-
         return os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")
     if name in ("china", "flower"):
-        import sklearn.datasets
-
         return os.path.join(os.path.dirname(sklearn.datasets.__file__), "images", f"{name}.jpg")
     raise ValueError(f"unknown photograph {name!r}; choose one of {', '.join(PHOTOGRAPHS)}")
 
@@ -57,8 +63,6 @@ def photograph(name: str = "hopper", size: Optional[int] = 224, center_crop: boo
     ``center_crop``: cut the central square first; ``size``: then resize to
     ``size x size`` (bicubic); ``None`` keeps the size.
     """
-    from PIL import Image
-
     img = Image.open(photograph_path(name)).convert("RGB")
     if center_crop:
         w, h = img.size
@@ -89,16 +93,15 @@ def to_tensor(img: np.ndarray, normalized: bool = True) -> torch.Tensor:
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
-    """ImageNet mean/std normalization of ``[B, 3, H, W]`` in [0, 1]."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
+    """ImageNet mean/std normalization of float images ``[B, 3, H, W]`` (or ``[3, H, W]``) in
+    [0, 1]: torchvision's ``normalize`` with timm's ``IMAGENET_DEFAULT_MEAN`` / ``_STD``."""
+    return TF.normalize(x, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
 
 
 def denormalize(x: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`normalize`, clipped to [0, 1]."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    """Inverse of :func:`normalize` for ``[B, 3, H, W]``, clipped to [0, 1]."""
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD, device=x.device).view(1, 3, 1, 1)
     return (x * std + mean).clamp(0, 1)
 
 
@@ -206,9 +209,7 @@ def load_digits_arrays(size: int = 32) -> Tuple[torch.Tensor, torch.Tensor]:
     Returns ``images`` float ``[1797, 3, size, size]`` in [0, 1] (gray, repeated to RGB,
     bilinearly resized) and ``labels`` long ``[1797]``.
     """
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
+    d = sklearn.datasets.load_digits()
     x = torch.from_numpy(d.images.astype(np.float32) / 16.0).unsqueeze(1)
     x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
     return x.repeat(1, 3, 1, 1), torch.from_numpy(d.target).long()
@@ -218,9 +219,6 @@ def load_digits_arrays(size: int = 32) -> Tuple[torch.Tensor, torch.Tensor]:
 # Torch Datasets for :mod:`fec_core.train` (chapter 10). Each yields ``(image, target)``:
 # ``image`` a normalized float tensor ``[3, H, W]``, ``target`` a class index (or, for
 # ``shapes`` with ``target="mask"``, a per-pixel class map ``[H, W]``).
-
-#: File extensions the image-folder dataset accepts (lower case).
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 class TensorImageDataset(torch.utils.data.Dataset):
@@ -260,16 +258,12 @@ def builtin_transform(augment: bool = True, degrees: float = 10.0, translate: fl
     (a flipped digit is another symbol). ``augment=False`` -> ``None``."""
     if not augment:
         return None
-    from torchvision.transforms import v2
-
     return v2.RandomAffine(degrees=degrees, translate=(translate, translate), scale=scale)
 
 
 def stratified_split(labels: torch.Tensor, val_fraction: float = 0.25, seed: int = 0
                      ) -> Tuple[np.ndarray, np.ndarray]:
     """Indices ``(train, val)`` of a stratified, seeded split (each class keeps its share)."""
-    from sklearn.model_selection import train_test_split
-
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     idx = np.arange(len(labels))
@@ -313,73 +307,69 @@ def shapes_datasets(n_train: int = 2000, n_val: int = 500, size: int = 64, seed:
             TensorImageDataset(images[va], targets[va], classes, None, masks[va]))
 
 
-class ImageFolderDataset(torch.utils.data.Dataset):
-    """Images in the ImageNet layout, ``root/<class>/<image>`` (e.g. ``train/n01440764/x.JPEG``).
+def _is_image(path: str) -> bool:
+    """A file torchvision's ``ImageFolder`` reads (its ``IMG_EXTENSIONS``), not hidden, not in a hidden folder."""
+    return (tv_folder.has_file_allowed_extension(path, tv_folder.IMG_EXTENSIONS)
+            and not os.path.basename(path).startswith(".") and not os.path.basename(os.path.dirname(path)).startswith("."))
 
-    Classes are the sub-folder names, sorted (or ``classes`` to fix the order, e.g. the
-    training split's for the validation split). Clear errors: a missing or empty folder,
-    no class folders, a class folder without images (all such folders are named), and,
-    when an image is loaded, an unreadable file (its path is named). ``transform``
-    maps a PIL RGB image to a tensor (e.g. ``timm.data.create_transform``).
+
+def _load_rgb(path: str) -> Image.Image:
+    """An image file as a PIL RGB image, or an ``OSError`` naming the file."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except Exception as e:
+        raise OSError(f"cannot read image {path}: {e}") from e
+
+
+class ImageFolderDataset(ImageFolder):
+    """torchvision's ``ImageFolder``: images in the ImageNet layout, ``root/<class>/<image>``
+    (e.g. ``train/n01440764/x.JPEG``), ``(transform(image), class index)``.
+
+    What it adds: the class order can be fixed (``classes``, e.g. the training split's for the
+    validation split, which may lack some classes but not have others); hidden folders and files
+    are skipped; clear errors for a missing folder, no class folders, class folders without
+    images (all of them named) and, when an image is loaded, an unreadable file (its path named).
+    ``transform`` maps a PIL RGB image to a tensor (e.g. ``timm.data.create_transform``).
     """
 
     def __init__(self, root: str, transform=None, classes: Optional[Tuple[str, ...]] = None):
-        import os
+        root = str(root)
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"dataset folder not found: {root}")
+        self._fixed_classes = tuple(classes) if classes is not None else None
+        super().__init__(root, transform=transform, loader=_load_rgb, is_valid_file=_is_image)
 
-        self.root, self.transform = str(root), transform
-        if not os.path.isdir(self.root):
-            raise FileNotFoundError(f"dataset folder not found: {self.root}")
-        found = sorted(e.name for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith("."))
+    def find_classes(self, directory: str):
+        found = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
         if not found:
-            raise FileNotFoundError(
-                f"dataset folder {self.root} has no class folders; expected the ImageNet layout "
-                f"{self.root}/<class>/<image>.JPEG")
-        if classes is None:
-            classes = found
-        else:
-            extra = sorted(set(found) - set(classes))
-            if extra:
-                raise ValueError(f"{self.root} has class folders the training split does not have: {extra[:8]}")
-        self.classes = tuple(classes)
-        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
-        self.samples, empty = [], []
-        for c in found:
-            files = sorted(f for f in os.listdir(os.path.join(self.root, c))
-                           if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith("."))
-            if not files:
-                empty.append(c)
-            self.samples += [(os.path.join(self.root, c, f), self.class_to_idx[c]) for f in files]
-        if empty:
-            raise FileNotFoundError(
-                f"{len(empty)} class folder(s) in {self.root} hold no images ({', '.join(IMG_EXTENSIONS)}): "
-                f"{', '.join(empty[:8])}{' ...' if len(empty) > 8 else ''}")
-        self.targets = [t for _, t in self.samples]
+            raise FileNotFoundError(f"dataset folder {directory} has no class folders; expected the ImageNet layout "
+                                    f"{directory}/<class>/<image>.JPEG")
+        classes = self._fixed_classes or tuple(found)
+        extra = sorted(set(found) - set(classes))
+        if extra:
+            raise ValueError(f"{directory} has class folders the training split does not have: {extra[:8]}")
+        return classes, {c: i for i, c in enumerate(classes)}
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def load(self, i: int):
-        """The ``i``-th image as a PIL RGB image, or a clear error naming the file."""
-        from PIL import Image
-
-        path = self.samples[i][0]
+    def make_dataset(self, directory: str, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        """torchvision's ``make_dataset`` over the class folders that exist (a validation split
+        may lack some of the training split's classes); an empty one is an error naming all."""
+        present = {c: i for c, i in class_to_idx.items() if os.path.isdir(os.path.join(directory, c))}
         try:
-            with Image.open(path) as img:
-                return img.convert("RGB")
-        except Exception as e:
-            raise OSError(f"cannot read image {path}: {e}") from e
-
-    def __getitem__(self, i: int):
-        img = self.load(i)
-        return (self.transform(img) if self.transform is not None else img), self.samples[i][1]
+            return tv_folder.make_dataset(directory, present, extensions=extensions, is_valid_file=is_valid_file)
+        except FileNotFoundError:  # torchvision names the classes; this names the folders and what counts
+            empty = [c for c in sorted(present)
+                     if not any(_is_image(os.path.join(r, f)) for r, _, fs in os.walk(os.path.join(directory, c))
+                                for f in fs)]
+            raise FileNotFoundError(
+                f"{len(empty)} class folder(s) in {directory} hold no images ({', '.join(tv_folder.IMG_EXTENSIONS)}): "
+                f"{', '.join(empty[:8])}{' ...' if len(empty) > 8 else ''}") from None
 
 
 def image_folder_datasets(root: str, train_transform=None, val_transform=None, train_split: str = "train",
                           val_split: str = "val") -> Tuple[ImageFolderDataset, ImageFolderDataset]:
     """``(train, val)`` image-folder datasets from ``root/train`` and ``root/val`` (ImageNet layout);
     the validation split uses the training split's class order."""
-    import os
-
     if not os.path.isdir(root):
         raise FileNotFoundError(f"dataset folder not found: {root}")
     for split in (train_split, val_split):
