@@ -22,15 +22,17 @@ Official checkpoints (keys ``patch_embed.*``, ``network.*``) are mapped by
 :func:`checkpoint_filter_fn`; :func:`fec_core.load_checkpoint` loads a file.
 """
 import numbers
+import re
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.layers import GroupNorm1
+from timm.models import build_model_with_cfg, checkpoint_seq, clean_state_dict, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from .layers import ClusterBlock, ClusterEncode, ClusterPool, GroupNorm1, Stem, init_weights
+from .layers import ClusterBlock, ClusterEncode, ClusterPool, Stem, init_weights
 from .records import collect_records, official_name, recording, stage_and_block
 
 __all__ = ["FEC", "VARIANTS", "SETTINGS", "checkpoint_filter_fn", "input_multiple"]
@@ -162,6 +164,8 @@ class FEC(nn.Module):
 
         self.stem = Stem(in_chans, embed_dims[0], patch=4)
         total = sum(layers)
+        # the official per-block drop-path rates, in double precision (not timm.layers.
+        # calculate_drop_path_rates: it rounds them to float32, and timm < 1.0.22 lacks it)
         dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
         stages, self.feature_info, k = [], [], 0
         for i in range(n):
@@ -366,17 +370,16 @@ def input_multiple(model: FEC) -> int:
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: Optional[FEC] = None):
     """Map an official checkpoint's keys to ours (timm's ``pretrained_filter_fn``).
 
-    Strips ``module.`` (DDP), ``model.`` (timm's ``features_only`` wrapper) and ``backbone.``
-    prefixes (keep only the backbone of a full MMSeg / MMDet checkpoint first:
-    :func:`fec_core.checkpoint.split_backbone`), renames ``patch_embed`` -> ``stem``,
+    Strips the ``module.`` (DDP) and ``_orig_mod.`` (``torch.compile``) prefixes with timm's
+    ``clean_state_dict``, then ``model.`` (timm's ``features_only`` wrapper) and ``backbone.``
+    (keep only the backbone of a full MMSeg / MMDet checkpoint first:
+    :func:`fec_core.checkpoint.split_backbone`); renames ``patch_embed`` -> ``stem``,
     ``network.{2i}.k`` -> ``stages.i.blocks.k``, ``network.{2i-1}`` -> ``stages.i.downsample``,
     ``norm{2i}`` -> ``out_norms.i``. Keys already in our layout pass through.
     """
-    import re
-
     out = {}
-    for k, v in state_dict.items():
-        for prefix in ("module.", "model.", "backbone."):
+    for k, v in clean_state_dict(state_dict).items():
+        for prefix in ("model.", "backbone."):
             if k.startswith(prefix):
                 k = k[len(prefix):]
         k = re.sub(r"^patch_embed\.", "stem.", k)
