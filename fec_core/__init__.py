@@ -41,8 +41,6 @@ __version__ = "0.2.0"  # the same as pyproject.toml (book/test_book.py checks)
 
 def create_model(name: str = "fec_small", **kwargs) -> FEC:
     """Shortcut for ``timm.create_model(name, **kwargs)`` restricted to FEC variants."""
-    import timm
-
     if not name.startswith("fec_"):
-        raise ValueError(f"{name!r} is not an FEC model; choose one of {timm.list_models('fec_*')}")
-    return timm.create_model(name, **kwargs)
+        raise ValueError(f"{name!r} is not an FEC model; choose one of {_timm.list_models('fec_*')}")
+    return _timm.create_model(name, **kwargs)

@@ -34,6 +34,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file  # a dependency of timm
 
 from .model import FEC, checkpoint_filter_fn
 
@@ -141,8 +142,6 @@ def read_file(path: Union[str, os.PathLike], trust: bool = False) -> Any:
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"cannot read checkpoint {path}: the file is empty")
     if _is_safetensors(path):
-        from safetensors.torch import load_file  # a dependency of timm
-
         try:
             return load_file(path, device="cpu")
         except Exception as e:  # a bad header, truncated data, ...

@@ -26,6 +26,12 @@ from __future__ import annotations
 import io
 from typing import Optional, Tuple
 
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
+from PIL import Image
+
 __all__ = ["book_figures", "encode_figure", "gallery", "glue", "PAGE_WIDTH", "min_panel_width"]
 
 #: Width in pixels of the website's text column; wider images are shown scaled down to it.
@@ -48,8 +54,6 @@ def encode_figure(fig, dpi: int = 72, jpeg_quality: int = 65) -> Tuple[str, byte
     """Render ``fig`` (tight bounding box, white background) and encode it as described
     in the module docstring. Returns ``(mimetype, data, metadata)``; the metadata holds
     ``min_panel_px`` (:func:`min_panel_width`)."""
-    from PIL import Image
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", facecolor="white")
     img = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
@@ -72,15 +76,11 @@ def encode_figure(fig, dpi: int = 72, jpeg_quality: int = 65) -> Tuple[str, byte
 def book_figures(dpi: int = 72, jpeg_quality: int = 65) -> None:
     """Set the inline figures' resolution and register :func:`encode_figure` as the way
     IPython stores matplotlib figures (PNG or JPEG, one of the two per figure)."""
-    import matplotlib
-    import matplotlib.pyplot as plt
-    from matplotlib.figure import Figure
-
     plt.close(plt.figure())  # loads the backend now: the inline backend sets its formatters then
 
     matplotlib.rcParams["figure.dpi"] = dpi
     matplotlib.rcParams["savefig.dpi"] = dpi
-    try:
+    try:  # optional: outside IPython only the resolution is set
         from IPython import get_ipython
     except ImportError:
         return
@@ -126,8 +126,6 @@ def gallery(ax, images, ncols: int, titles=None, row_labels=None, pad: float = 0
     in the axes' data coordinates, so that boxes or outlines can be drawn over them
     (a point ``(x, y)`` of image ``i`` lies at ``(x0 + x, y0 + y)``).
     """
-    import numpy as np
-
     arrays = []
     for im in images:
         a = np.asarray(im.detach().cpu() if hasattr(im, "detach") else im, dtype=np.float32)
@@ -173,7 +171,7 @@ def glue(name: str, value, display: bool = False):
     """
     if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
         value = value.item()    # numpy / torch scalar -> int, float or bool
-    try:
+    try:  # optional, and IPython below too: the book's build has them, Colab and scripts may not
         from myst_nb import glue as myst_glue
     except ImportError:
         myst_glue = None

@@ -6,7 +6,7 @@ assignment map while recording (:mod:`fec_core.records`, :meth:`fec_core.FEC.for
 Parameter names follow the official implementation so released checkpoints map
 one-to-one (``f``, ``v``, ``proj``, ``sim_alpha``, ``sim_beta``, ``conv_f``, ...).
 """
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.fx

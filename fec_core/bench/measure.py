@@ -12,7 +12,9 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
+from torch.profiler import ProfilerActivity, profile
 
+from ..layers import ClusterEncode, ClusterPool
 from .settings import DTYPES
 
 __all__ = ["device_name", "peak_cpu_bytes", "literal_dense_bytes", "quiet_native_stderr", "synchronize", "step_fn",
@@ -57,7 +59,6 @@ def peak_cpu_bytes(fn: Callable[[], object]) -> Optional[int]:
     """Peak bytes allocated by PyTorch's CPU allocator while ``fn()`` runs, above the level
     before it, from ``torch.profiler``'s allocation events. ``None`` if unavailable.
     (The profiler's log lines on stderr are silenced while it runs.)"""
-    from torch.profiler import ProfilerActivity, profile
     try:
         with quiet_native_stderr(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -79,7 +80,6 @@ def literal_dense_bytes(model: nn.Module, batch: int, resolution: int, bytes_per
     """The largest dense tensors of the literal path for one input size, in bytes: per
     pooling layer the ``[B, N/4, N]`` similarity and its one-hot mask, per encode layer
     the ``[B * heads, M, N, D]`` dispatch product (used to skip sizes that cannot fit)."""
-    from ..layers import ClusterEncode, ClusterPool
     side = resolution // 4
     worst = 0
     for stage_idx, stage in enumerate(model.stages):
@@ -150,7 +150,6 @@ def measure_memory(fn: Callable[[], None], device: torch.device):
 
 def profile_table(fn: Callable[[], None], device: torch.device, rows: int = 25) -> str:
     """The ``rows`` most expensive operators of one step, by device (or CPU) time."""
-    from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with quiet_native_stderr(), warnings.catch_warnings():
         warnings.simplefilter("ignore")

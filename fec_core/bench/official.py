@@ -4,14 +4,24 @@ its outputs compared with ours."""
 from __future__ import annotations
 
 import contextlib
+import importlib.machinery
+import importlib.util
+import io
 import os
 import sys
+import types
 import warnings
 
+import timm.models
 import torch
 import torch.nn as nn
 
+from ..model import checkpoint_filter_fn
 from .settings import BenchConfig
+
+with warnings.catch_warnings():  # the deprecated module the official file imports register_model from
+    warnings.simplefilter("ignore")
+    import timm.models.registry as deprecated_registry
 
 __all__ = ["load_official", "build_official", "agreement"]
 
@@ -27,10 +37,6 @@ def load_official(path: str):
     ``fec_small`` stays ours. What the file prints while loading (mmseg / mmdet
     notices) is discarded.
     """
-    import importlib.util
-    import io
-    import types
-
     if not os.path.isfile(path):
         raise ValueError(f"--official {path}: no such file (a copy of the official models/fec.py)")
     if importlib.util.find_spec("torch_scatter") is None and "torch_scatter" not in sys.modules:
@@ -44,13 +50,8 @@ def load_official(path: str):
         shim.scatter_sum = scatter_sum
         shim.__fec_core_stand_in__ = True
         sys.modules["torch_scatter"] = shim
-    import timm.models
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import timm.models.registry as deprecated_registry
     saved = (timm.models.register_model, deprecated_registry.register_model)
     timm.models.register_model = deprecated_registry.register_model = lambda fn: fn
-    import importlib.machinery
     loader = importlib.machinery.SourceFileLoader("fec_official", path)
     module = importlib.util.module_from_spec(importlib.util.spec_from_loader("fec_official", loader))
     try:
@@ -69,7 +70,6 @@ def load_official(path: str):
 
 def build_official(cfg: BenchConfig, model: nn.Module, device: torch.device) -> nn.Module:
     """The official model of the same variant; ``model`` (ours) gets its weights."""
-    from ..model import checkpoint_filter_fn
     module = load_official(cfg.official)
     if not hasattr(module, cfg.model):
         raise ValueError(f"--official {cfg.official} defines no {cfg.model!r} "

@@ -132,9 +132,12 @@ def _rounds_line(report: dict) -> List[str]:
 def plot(report: dict, path: Optional[str] = None):
     """Bar charts of throughput and peak memory per setting and path, and, when several
     resolutions were measured, peak memory against the number of pixels (log-log)."""
+    # imported here, not at the top: a script that only writes the file gets the
+    # non-interactive backend, chosen before pyplot loads; where pyplot is already loaded
+    # (a notebook), its backend is left alone
     import matplotlib
     if path is not None and "matplotlib.pyplot" not in sys.modules:
-        matplotlib.use("Agg")  # writing a file from a script: no display needed
+        matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     res = report["results"]

@@ -12,9 +12,12 @@ import time
 from dataclasses import asdict
 from typing import Callable, Dict, List
 
+import timm
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
+from ..config import kernel_mode, set_kernel_mode
 from .measure import device_name, is_oom, literal_dense_bytes, measure_memory, profile_table, step_fn, synchronize
 from .official import agreement, build_official
 from .settings import KERNEL_PATHS, PATH_KERNEL_MODE, BenchConfig, Result, check_config, kernels_available
@@ -23,9 +26,6 @@ __all__ = ["run"]
 
 
 def _build(cfg: BenchConfig, device: torch.device) -> nn.Module:
-    import timm
-
-    import fec_core  # noqa: F401  (registers the models)
     kwargs = dict(num_classes=0 if cfg.dense else 1000)
     if cfg.dense:
         kwargs["dense"] = True
@@ -73,7 +73,6 @@ def _meta(cfg: BenchConfig, device: torch.device, model: nn.Module, official) ->
 
 def _build_references(cfg: BenchConfig, device: torch.device) -> Dict[str, nn.Module]:
     """The timm models timed beside FEC as yardsticks (``--compare``), randomly initialised."""
-    import timm
     torch.manual_seed(cfg.seed)
     return {f"timm:{name}": timm.create_model(name).to(device) for name in cfg.references}
 
@@ -150,7 +149,6 @@ class _Setting:
 def _on_path(model: nn.Module, path: str) -> Callable[[], None]:
     """What runs before every step of ``path``: our model on its literal or fast path and
     in its kernel mode (nothing for the official code and the yardsticks)."""
-    from ..config import set_kernel_mode
     mode = PATH_KERNEL_MODE.get(path)
 
     def before() -> None:
@@ -164,7 +162,6 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
     """Run the benchmark; returns ``{'meta': ..., 'results': [Result as dict, ...]}``
     (and ``'profiles'``, one operator table per setting and path, with ``cfg.profile``).
     The kernel mode is set per path while it runs and restored at the end."""
-    from ..config import kernel_mode, set_kernel_mode
     saved = kernel_mode()
     try:
         return _run(cfg, progress)
@@ -173,8 +170,6 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
 
 
 def _run(cfg: BenchConfig, progress: bool) -> dict:
-    from tqdm.auto import tqdm
-
     device = check_config(cfg)
     model = _build(cfg, device)
     official = build_official(cfg, model, device) if "official" in cfg.paths else None

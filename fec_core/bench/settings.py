@@ -7,7 +7,10 @@ import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+import timm
 import torch
+
+from ..config import HAS_TRITON, INTERPRET
 
 __all__ = ["DTYPES", "PATHS", "MODES", "PATH_KERNEL_MODE", "KERNEL_PATHS", "BenchConfig", "Result", "check_config",
            "kernels_available"]
@@ -104,9 +107,6 @@ def check_config(cfg: BenchConfig) -> torch.device:
             raise ValueError(f"device {cfg.device!r}: there are only {torch.cuda.device_count()} CUDA devices")
     elif device.type != "cpu":
         raise ValueError(f"device {cfg.device!r}: the benchmark runs on cpu or cuda")
-    import timm
-
-    import fec_core  # noqa: F401  (registers the models)
     if cfg.model not in timm.list_models("fec_*"):
         raise ValueError(f"model {cfg.model!r} is not an FEC variant; choose one of {timm.list_models('fec_*')}")
     for name in cfg.references:
@@ -137,5 +137,4 @@ def _device_memory(device: torch.device) -> Optional[int]:
 def kernels_available(device: torch.device) -> bool:
     """Whether the Triton kernels can run on ``device``: CUDA with Triton, or a CPU inside
     Triton's interpreter (``TRITON_INTERPRET=1``)."""
-    from .. import kernels
-    return kernels.HAS_TRITON and (device.type == "cuda" or kernels.INTERPRET)
+    return HAS_TRITON and (device.type == "cuda" or INTERPRET)

@@ -8,6 +8,8 @@ from typing import List, Tuple
 
 import torch
 import torch.nn as nn
+from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from ..model import FEC
 
@@ -63,9 +65,6 @@ class FECBackboneWithFPN(nn.Module):
 
     def __init__(self, backbone: nn.Module, out_channels: int = 256):
         super().__init__()
-        from torchvision.ops import FeaturePyramidNetwork
-        from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
-
         channels, strides = feature_channels(backbone)
         self.body = backbone
         self.fpn = FeaturePyramidNetwork(channels, out_channels, extra_blocks=LastLevelMaxPool())

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Optional
 
+import timm
 import torch
 import torch.nn as nn
 
+from ..train import MeanIoU, TrainConfig, fit
 from ..train.metrics import is_per_pixel
 from .data import shapes_segmentation
 from .head import FECSegmenter
@@ -34,10 +36,6 @@ def train_segmentation(cfg=None, model: Optional[nn.Module] = None, train_set=No
     best epoch). Returns fit's :class:`~fec_core.train.FitResult` (``.model``, ``.history`` with
     ``val_miou`` and ``val_pixel_acc`` per epoch).
     """
-    import timm
-
-    from ..train import MeanIoU, TrainConfig, fit
-
     if cfg is None:
         cfg = TrainConfig(**{**SEG_RECIPE, **overrides})
     elif overrides:

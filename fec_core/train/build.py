@@ -6,8 +6,13 @@ import os
 import warnings
 from typing import Optional
 
+import timm
 import torch.nn as nn
+from timm.data import create_transform
 
+from .. import data as D
+from ..checkpoint import load_checkpoint
+from ..layers import ClusterPool
 from .config import TrainConfig
 from .distributed import print0
 
@@ -22,8 +27,6 @@ def build_datasets(cfg: TrainConfig):
     ``cfg.auto_augment``, random erasing ``cfg.re_prob``, random-resized crops; validation: resize
     and center crop 0.9, bicubic).
     """
-    from .. import data as D
-
     if cfg.dataset == "digits":
         return D.digits_datasets(cfg.img_size, cfg.val_fraction, cfg.seed, augment=bool(cfg.augment))
     if cfg.dataset == "shapes":
@@ -35,8 +38,6 @@ def build_datasets(cfg: TrainConfig):
                              "val/<class>/*; or use --dataset digits / shapes, which need no download")
         if os.path.exists(cfg.data_dir) and not os.path.isdir(cfg.data_dir):
             raise ValueError(f"data_dir {cfg.data_dir} is a file; give the folder that holds train/ and val/")
-        from timm.data import create_transform
-
         val_tf = create_transform(cfg.img_size, is_training=False, interpolation="bicubic", crop_pct=0.9)
         try:
             train_tf = create_transform(cfg.img_size, is_training=True, auto_augment=cfg.auto_augment,
@@ -53,8 +54,6 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     """``timm.create_model(cfg.model, num_classes=..., drop_path_rate=cfg.drop_path)``; with
     ``cfg.pretrained`` the official weights are loaded (:func:`fec_core.load_checkpoint`; a head
     for another number of classes is left fresh)."""
-    import timm
-
     try:
         model = timm.create_model(cfg.model, num_classes=num_classes, drop_path_rate=cfg.drop_path)
     except RuntimeError as e:
@@ -69,8 +68,6 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
 def load_pretrained(model: nn.Module, path: str) -> nn.Module:
     """:func:`fec_core.load_checkpoint` (official or fec_core weights, clear errors); its notes
     (e.g. "classifier head not loaded ... keeps its new head") are printed, not warned."""
-    from ..checkpoint import load_checkpoint
-
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         load_checkpoint(model, path)
@@ -91,8 +88,6 @@ def infer_num_classes(cfg, train_set, model) -> Optional[int]:
 def freeze_similarity(model: nn.Module) -> int:
     """Set ``requires_grad=False`` on every :class:`~fec_core.layers.ClusterPool`'s ``conv_f``
     (it only feeds an argmax and never gets a gradient). Returns the number of tensors frozen."""
-    from ..layers import ClusterPool
-
     n = 0
     for m in model.modules():
         if isinstance(m, ClusterPool):

@@ -15,12 +15,13 @@ import typing
 import warnings
 from typing import Any, Dict, Optional, Sequence
 
+import matplotlib
 import torch
 import torch.distributed as dist
 
 from ..checkpoint import CheckpointError, trusted
 from ..cliutil import DEBUG_HELP, one_line, print_error
-from .config import PRESETS, TrainConfig
+from .config import TrainConfig
 from .curves import plot_history
 from .loop import evaluate_config, fit
 from .runfiles import SAFETENSORS, SaveError, Terminated, saved_epoch
@@ -188,8 +189,7 @@ def _main(ns: Dict[str, Any], evaluate_only: bool, progress: bool, debug: bool =
         return 2
     if result.output_dir and (not dist.is_initialized()) and int(os.environ.get("RANK", "0")) == 0:
         try:
-            import matplotlib
-            matplotlib.use("Agg")
+            matplotlib.use("Agg")  # a file, no window
             fig = plot_history(result, title=os.path.basename(os.path.normpath(result.output_dir)))
             fig.savefig(os.path.join(result.output_dir, "curves.png"), dpi=100)
             curves = ", curves.png"

@@ -5,6 +5,8 @@ import json
 import os
 from typing import Dict, List, Optional
 
+import matplotlib.pyplot as plt
+
 from .evaluation import FitResult
 from .runfiles import read_training_checkpoint
 
@@ -33,8 +35,6 @@ def plot_history(source, metric: Optional[str] = None, axes=None, title: Optiona
     and the learning rate, per epoch. ``source``: see :func:`read_history`. ``metric``: the
     history key suffix to plot (default: the first ``val_*`` key other than the loss).
     Returns the matplotlib Figure."""
-    import matplotlib.pyplot as plt
-
     hist = read_history(source)
     if not hist:
         raise ValueError("the history is empty: nothing to plot")

@@ -8,10 +8,11 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from .config import TrainConfig
+from .distributed import sum_over_processes
 from .metrics import IGNORE_INDEX, Accuracy, MeanIoU, as_metric, is_per_pixel
 
 __all__ = ["FitResult", "evaluate", "output_classes"]
@@ -53,8 +54,6 @@ def evaluate(model: nn.Module, data, loss_fn: Optional[Callable] = None, metric=
     :class:`MeanIoU` for per-pixel targets. Under torch.distributed, pass a DataLoader
     whose sampler shards the data: sums are reduced over the processes.
     """
-    from tqdm.auto import tqdm
-
     if device is None:
         device = next(model.parameters()).device
     if isinstance(data, torch.utils.data.DataLoader):
@@ -87,10 +86,8 @@ def evaluate(model: nn.Module, data, loss_fn: Optional[Callable] = None, metric=
         metric.update(output, y)
     if metric is None:
         raise ValueError("the evaluation data yielded no batches")
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(loss_sum)
-        dist.all_reduce(count)
-        metric.all_reduce()
+    sum_over_processes(loss_sum, count)
+    metric.all_reduce()
     model.train(was_training)
     return {"loss": (loss_sum / count.clamp_min(1)).item(), **metric.compute()}
 
