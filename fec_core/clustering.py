@@ -102,14 +102,15 @@ def to_points(x: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- Eq. 4
-def centers(x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+def centers(x: torch.Tensor, proposal: Tuple[int, int]) -> torch.Tensor:
     """Center initialization (Eq. 4, chapter 3): adaptive average pooling.
 
-    ``x`` [B, C, W, H] -> [B, C, gw, gh] with ``grid = (gw, gh)``. Where the grid
-    divides the map this is a plain average pooling (identical windows, fewer
-    kernels); otherwise PyTorch's adaptive pooling, whose windows may overlap.
+    ``x`` [B, C, W, H] -> [B, C, gw, gh] for the center grid ``proposal = (gw, gh)`` (the
+    official code's ``proposal_w``, ``proposal_h``). Where the grid divides the map this is a
+    plain average pooling (identical windows, fewer kernels); otherwise PyTorch's adaptive
+    pooling, whose windows may overlap.
     """
-    gw, gh = grid
+    gw, gh = proposal
     rows, cols = x.shape[-2:]
     if rows % gw == 0 and cols % gh == 0:
         if (rows, cols) == (gw, gh):
@@ -353,20 +354,20 @@ def dispatch_dense(representatives: torch.Tensor, weights: torch.Tensor) -> torc
 
 # --------------------------------------------------------------------------- layers
 def cluster_encode(keys: torch.Tensor, values: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
-                   grid: Tuple[int, int], literal: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+                   proposal: Tuple[int, int], literal: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """One clustering *encode* step (Eqs. 4-7, Algorithm S1 ``encoding``), per head and region.
 
     ``keys`` [B, C, W, H], ``values`` [B, D, W, H] -> ``(out [B, N, D], index [B, N])``:
-    centers by pooling to ``grid``, gated cosine similarity, argmax over the gate,
+    centers by pooling to the center grid ``proposal``, gated cosine similarity, argmax over the gate,
     aggregation, dispatch. ``literal=True`` uses the dense mask and dense dispatch.
     The fast path returns ``out`` as a ``[B, N, D]`` view of a channels-first
     ``[B, D, N]`` tensor (so ``out.transpose(1, 2)`` is contiguous, chapter 12); on CUDA,
     when Triton is installed, one fused kernel runs its steps after the center pooling
     (:func:`fec_core.kernels.fused_encode`, the same equations).
     """
-    ck_map, cv_map = centers(keys, grid), centers(values, grid)
+    ck_map, cv_map = centers(keys, proposal), centers(values, proposal)
     if not literal and not torch.jit.is_scripting():
-        if _kernels.use_encode_kernel(keys, values, grid[0] * grid[1], alpha, beta):  # fused (chapter 12)
+        if _kernels.use_encode_kernel(keys, values, proposal[0] * proposal[1], alpha, beta):  # fused (chapter 12)
             out, index = _kernels.fused_encode(keys.flatten(2), unit(to_points(ck_map)).transpose(1, 2),
                                                values.flatten(2), cv_map.flatten(2), alpha, beta)
             return out.transpose(1, 2), index
@@ -398,17 +399,17 @@ def cluster_pool(keys: torch.Tensor, values: torch.Tensor, literal: bool = False
     b, _, rows, cols = keys.shape
     if rows % 2 or cols % 2:
         raise ValueError(f"cluster pooling needs an even feature map, got {rows}x{cols}")
-    grid = (rows // 2, cols // 2)
-    ck_map, cv_map = centers(keys, grid), centers(values, grid)
+    proposal = (rows // 2, cols // 2)  # N/4 centers: one per 2x2 window
+    ck_map, cv_map = centers(keys, proposal), centers(values, proposal)
     if literal:
         ck, cv = to_points(ck_map), to_points(cv_map)
         pk, pv = to_points(keys), to_points(values)
         _, index = assign(similarity(ck, pk))
         reps = aggregate_dense(pv, cv, one_hot(index, ck.shape[1], pv.dtype))
-        return reps.transpose(1, 2).reshape(b, -1, grid[0], grid[1]), index
+        return reps.transpose(1, 2).reshape(b, -1, proposal[0], proposal[1]), index
     index = assign_nearest(to_points(ck_map), to_points(keys))
     reps = aggregate(values.flatten(2), cv_map.flatten(2), index, channels_first=True)  # [B, D, M]
-    return reps.reshape(b, -1, grid[0], grid[1]), index
+    return reps.reshape(b, -1, proposal[0], proposal[1]), index
 
 
 # FX (torch.fx, torchvision's feature extraction, timm's FX features): these functions

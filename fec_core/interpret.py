@@ -24,8 +24,10 @@ What the regions are good for, an unsupervised foreground segmentation, its clas
 baseline and their evaluation, is :mod:`fec_core.foreground`, which builds on this module.
 The k-means both use is :mod:`fec_core.regions`.
 
-Shapes: ``B`` batch, ``H x W`` image, ``h x w`` a layer's feature map (rows x
-columns, row-major point index ``r * w + c``).
+Shapes: ``B`` batch, ``H x W`` an image (rows x columns), ``rows x cols`` a layer's feature
+map (row-major point index ``r * cols + c``); a record's assignment
+``[B, (heads,) fold_w, fold_h, w, h]`` in the official code's letters, as everywhere in
+fec_core: ``fold_w x fold_h`` regions of ``w`` rows and ``h`` columns.
 """
 from __future__ import annotations
 
@@ -51,8 +53,9 @@ class LayerMap:
     regions get disjoint label ranges). ``num_clusters``: how many labels the layer
     can produce (``points`` for the stem and the pools: the size of the layer's
     output map; ``fold regions x centers`` for encode layers). ``head``: the
-    encode head (``None`` for the stem and the pools). ``grid``: the layer's output
-    map ``(h, w)`` for the stem and the pools, the center grid for encode layers.
+    encode head (``None`` for the stem and the pools). ``grid``: how the layer's clusters
+    are laid out: its output map ``(rows, cols)`` for the stem and the pools (a cluster per output
+    point), one fold region's center grid (the record's ``proposal``) for encode layers.
     """
 
     name: str
@@ -88,49 +91,49 @@ def stem_points(height: int, width: int, patch: int = 4, device=None) -> torch.T
     The stem's stride-``patch`` convolution drops the last ``H mod patch`` rows and
     ``W mod patch`` columns; those pixels are given to the nearest patch.
     """
-    h, w = height // patch, width // patch
-    if h < 1 or w < 1:
+    rows, cols = height // patch, width // patch
+    if rows < 1 or cols < 1:
         raise ValueError(f"image {height}x{width} is smaller than one {patch}x{patch} stem patch")
-    rows = (torch.arange(height, device=device) // patch).clamp(max=h - 1)
-    cols = (torch.arange(width, device=device) // patch).clamp(max=w - 1)
-    return rows[:, None] * w + cols[None, :]
+    row = (torch.arange(height, device=device) // patch).clamp(max=rows - 1)
+    col = (torch.arange(width, device=device) // patch).clamp(max=cols - 1)
+    return row[:, None] * cols + col[None, :]
 
 
 def pool_parents(record: ClusterRecord) -> torch.Tensor:
     """Where each point goes in one pooling layer (Eq. 5, chapter 8).
 
-    ``record.index`` ``[B, fold_r, fold_c, rr, rc]`` (``fold_r x fold_c`` regions of
-    ``rr x rc`` points; the value is the region-local center index, row-major over the
-    region's ``(rr/2) x (rc/2)`` center grid) -> LongTensor ``[B, h * w]``: for every point
-    of the input map (``h = fold_r * rr`` rows, ``w = fold_c * rc`` columns, row-major)
-    the row-major index of its representative in the ``(h/2) x (w/2)`` output map.
+    ``record.index`` ``[B, fold_w, fold_h, w, h]`` (``fold_w x fold_h`` regions of
+    ``w x h`` points; the value is the region-local center index, row-major over the
+    region's ``(w/2) x (h/2)`` center grid) -> LongTensor ``[B, rows * cols]``: for every point
+    of the input map (``rows = fold_w * w``, ``cols = fold_h * h``, row-major) the row-major
+    index of its representative in the ``(rows/2) x (cols/2)`` output map.
     """
     if record.kind != "pool":
         raise ValueError(f"{record.name} is an {record.kind} layer, not a pooling layer")
     idx = record.index
-    b, fr, fc, rr, rc = idx.shape
-    gr, gc = rr // 2, rc // 2
+    b, fold_w, fold_h, w, h = idx.shape
+    gw, gh = w // 2, h // 2  # one region's center grid
     dev = idx.device
-    crow = idx // gc + torch.arange(fr, device=dev).view(1, fr, 1, 1, 1) * gr
-    ccol = idx % gc + torch.arange(fc, device=dev).view(1, 1, fc, 1, 1) * gc
-    parent = crow * (fc * gc) + ccol  # [B, fr, fc, rr, rc]
-    return parent.permute(0, 1, 3, 2, 4).reshape(b, fr * rr * fc * rc)
+    crow = idx // gh + torch.arange(fold_w, device=dev).view(1, fold_w, 1, 1, 1) * gw
+    ccol = idx % gh + torch.arange(fold_h, device=dev).view(1, 1, fold_h, 1, 1) * gh
+    parent = crow * (fold_h * gh) + ccol  # [B, fold_w, fold_h, w, h]
+    return parent.permute(0, 1, 3, 2, 4).reshape(b, fold_w * w * fold_h * h)
 
 
 def encode_clusters(record: ClusterRecord) -> torch.Tensor:
     """The clusters of one encode layer (Eq. 5, chapter 5), per head.
 
-    ``record.index`` ``[B, E, fold_r, fold_c, rr, rc]`` -> LongTensor ``[B, E, h * w]``
-    (row-major over the layer's whole ``h x w`` map): region ``(i, j)``'s center ``m``
-    gets the label ``(i * fold_c + j) * M + m`` with ``M`` centers per region.
+    ``record.index`` ``[B, E, fold_w, fold_h, w, h]`` -> LongTensor ``[B, E, rows * cols]``
+    (row-major over the layer's whole map): region ``(i, j)``'s center ``m`` gets the label
+    ``(i * fold_h + j) * M + m`` with ``M`` centers per region.
     """
     if record.kind != "encode":
         raise ValueError(f"{record.name} is a {record.kind} layer, not an encode layer")
     idx = record.index
-    b, e, fr, fc, rr, rc = idx.shape
-    region = torch.arange(fr * fc, device=idx.device).view(1, 1, fr, fc, 1, 1)
+    b, e, fold_w, fold_h, w, h = idx.shape
+    region = torch.arange(fold_w * fold_h, device=idx.device).view(1, 1, fold_w, fold_h, 1, 1)
     labels = idx + region * record.num_centers
-    return labels.permute(0, 1, 2, 4, 3, 5).reshape(b, e, fr * rr * fc * rc)
+    return labels.permute(0, 1, 2, 4, 3, 5).reshape(b, e, fold_w * w * fold_h * h)
 
 
 # ---------------------------------------------------------------------------- the hierarchy
@@ -155,22 +158,22 @@ def trace(records: Sequence[ClusterRecord], image_size: Tuple[int, int], patch: 
     maps = [LayerMap("stem", "stem", 0, pos.reshape(b, height, width).clone(), hs * ws, (hs, ws))]
     for r in records:
         if r.kind == "pool":
-            _, fr, fc, rr, rc = r.index.shape
-            if (fr * rr, fc * rc) != (hs, ws):
-                raise ValueError(f"{r.name}: input map {fr * rr}x{fc * rc} does not follow the previous "
+            _, fold_w, fold_h, w, h = r.index.shape
+            if (fold_w * w, fold_h * h) != (hs, ws):
+                raise ValueError(f"{r.name}: input map {fold_w * w}x{fold_h * h} does not follow the previous "
                                  f"layer's {hs}x{ws}; are the records from one forward pass of one input?")
             pos = torch.gather(pool_parents(r), 1, pos)
             hs, ws = hs // 2, ws // 2
             maps.append(LayerMap(r.name, "pool", r.stage, pos.reshape(b, height, width), hs * ws, (hs, ws)))
         elif r.kind == "encode":
-            lab = encode_clusters(r)  # [B, E, h*w]
+            lab = encode_clusters(r)  # [B, E, rows * cols]
             if lab.shape[-1] != hs * ws:
                 raise ValueError(f"{r.name}: map of {lab.shape[-1]} points, expected {hs}x{ws}")
-            keep = range(lab.shape[1]) if heads is None else [h for h in heads if h < lab.shape[1]]
+            keep = range(lab.shape[1]) if heads is None else [e for e in heads if e < lab.shape[1]]
             n = r.num_centers * r.index.shape[2] * r.index.shape[3]
-            for h in keep:
-                pix = torch.gather(lab[:, h], 1, pos).reshape(b, height, width)
-                maps.append(LayerMap(r.name, "encode", r.stage, pix, n, tuple(r.grid), head=h))
+            for e in keep:
+                pix = torch.gather(lab[:, e], 1, pos).reshape(b, height, width)
+                maps.append(LayerMap(r.name, "encode", r.stage, pix, n, tuple(r.proposal), head=e))
         else:
             raise ValueError(f"unknown record kind {r.kind!r}")
     return maps
@@ -202,9 +205,9 @@ def merge_regions(features: torch.Tensor, labels: torch.Tensor, k: int, seed: in
                   normalize: bool = True, n_init: int = 10, nonempty: bool = False) -> torch.Tensor:
     """Merge representatives into ``k`` regions with k-means (scikit-learn).
 
-    ``features`` ``[B, C, h, w]``: one vector per representative (e.g. the last stage's
+    ``features`` ``[B, C, rows, cols]``: one vector per representative (e.g. the last stage's
     output, or :func:`pool_key_centers`); ``labels`` ``[B, H, W]``: every pixel's
-    representative (row-major index into ``h x w``, the last pooling layer's
+    representative (row-major index into ``rows x cols``, the last pooling layer's
     :attr:`LayerMap.labels`). Per image, k-means with ``k`` clusters runs on the feature
     vectors (L2-normalized when ``normalize``: FEC compares points by cosine; ``n_init``
     starts, the best kept) and each pixel takes its representative's region. With
@@ -219,25 +222,26 @@ def merge_regions(features: torch.Tensor, labels: torch.Tensor, k: int, seed: in
     representatives, normalized, 10 starts, all representatives) are this library's
     variant; chapter 11 compares the two.
     """
-    b, c, h, w = features.shape
+    b, c, rows, cols = features.shape
     if labels.shape[0] != b:
         raise ValueError(f"features for {b} images, labels for {labels.shape[0]}")
-    if int(labels.max()) >= h * w or int(labels.min()) < 0:
-        raise ValueError(f"labels must index the {h}x{w} representatives; got values up to {int(labels.max())}")
-    if not 1 <= k <= h * w:
-        raise ValueError(f"k={k} regions from {h * w} representatives: choose 1 <= k <= {h * w}")
+    n = rows * cols
+    if int(labels.max()) >= n or int(labels.min()) < 0:
+        raise ValueError(f"labels must index the {rows}x{cols} representatives; got values up to {int(labels.max())}")
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} regions from {n} representatives: choose 1 <= k <= {n}")
     feats = features.detach().float().flatten(2).transpose(1, 2).cpu()  # [B, hw, C]
     if normalize:
         feats = F.normalize(feats, dim=-1)
     out = torch.empty_like(labels)
     with one_thread():
         for i in range(b):
-            used = torch.unique(labels[i]).cpu() if nonempty else torch.arange(h * w)
+            used = torch.unique(labels[i]).cpu() if nonempty else torch.arange(n)
             if nonempty and len(used) <= k:
                 part = torch.arange(len(used))
             else:
                 part = torch.from_numpy(kmeans_labels(feats[i][used].numpy(), k, seed, n_init)).long()
-            region = torch.zeros(h * w, dtype=torch.long)
+            region = torch.zeros(n, dtype=torch.long)
             region[used] = part
             out[i] = number_by_area(region.to(labels.device)[labels[i]], k)
     return out
@@ -246,8 +250,8 @@ def merge_regions(features: torch.Tensor, labels: torch.Tensor, k: int, seed: in
 @torch.no_grad()
 def pool_key_centers(model: FEC, x: torch.Tensor, stage: int = -1) -> torch.Tensor:
     """The key centers of a pooling layer (Eq. 4, chapters 3 and 8): the layer's keys
-    ``conv_f(input)`` average-pooled over its ``2x2`` center grid, ``[B, C, h, w]`` with
-    ``h x w`` the layer's output map. ``stage``: the stage whose pooling layer (1..3, or
+    ``conv_f(input)`` average-pooled over its ``2x2`` windows, ``[B, C, rows, cols]`` with
+    ``rows x cols`` the layer's output map. ``stage``: the stage whose pooling layer (1..3, or
     -1 for the last). One forward pass of ``model`` on ``x`` ``[B, 3, H, W]``."""
     pools = [s.downsample for s in model.stages if hasattr(s.downsample, "conv_f")]
     if not pools:

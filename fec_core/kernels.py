@@ -10,12 +10,12 @@ back. :func:`cosine_argmax` does both in one kernel: a block of points is compar
 with one block of centers at a time, and only the running maximum and its index
 per point stay in registers. Nothing quadratic is ever written to memory.
 
-The kernels are used on CUDA tensors when Triton is installed (``mode()`` is
-``'auto'``, the default). Everywhere else :func:`fec_core.clustering.assign_nearest`
-uses its plain PyTorch tiles, which give the same indices, and
-:func:`fec_core.clustering.cluster_encode` its PyTorch fast path. The environment variable
-``FEC_KERNELS`` (``auto``, ``off``, ``on``) or :func:`set_mode` chooses (both live in
-:mod:`fec_core.config`); ``on``
+The kernels are used on CUDA tensors when Triton is installed (the kernel mode,
+:func:`fec_core.config.kernel_mode`, is ``'auto'``, the default). Everywhere else
+:func:`fec_core.clustering.assign_nearest` uses its plain PyTorch tiles, which give the same
+indices, and :func:`fec_core.clustering.cluster_encode` its PyTorch fast path. The environment
+variable ``FEC_KERNELS`` (``auto``, ``off``, ``on``) or :func:`fec_core.config.set_kernel_mode`
+chooses; ``on``
 also runs the kernels on CPU tensors, which only works in Triton's interpreter
 (``TRITON_INTERPRET=1`` set before Python starts): that is how the tests check the
 kernels on a machine without a GPU.
@@ -33,12 +33,11 @@ from __future__ import annotations
 
 import torch
 
-from .config import HAS_TRITON, INTERPRET  # re-exported
-from .config import kernel_mode as mode, set_kernel_mode as set_mode  # re-exported
+from .config import HAS_TRITON, INTERPRET, kernel_mode  # HAS_TRITON, INTERPRET re-exported
 from .kernels_encode import fused_encode, use_encode_kernel  # re-exported: the encode kernel
 
-__all__ = ["HAS_TRITON", "INTERPRET", "mode", "set_mode", "use_kernel", "cosine_argmax",
-           "cosine_argmax_reference", "fused_encode", "use_encode_kernel"]
+__all__ = ["HAS_TRITON", "INTERPRET", "use_kernel", "cosine_argmax", "cosine_argmax_reference", "fused_encode",
+           "use_encode_kernel"]
 
 if HAS_TRITON:  # fec_core.config detected it
     import triton
@@ -47,9 +46,9 @@ if HAS_TRITON:  # fec_core.config detected it
 
 def use_kernel(c: torch.Tensor, p: torch.Tensor) -> bool:
     """Whether :func:`cosine_argmax` will serve these inputs under the current mode."""
-    if not HAS_TRITON or mode() == "off" or c.dtype not in _DTYPES or p.dtype != c.dtype:
+    if not HAS_TRITON or kernel_mode() == "off" or c.dtype not in _DTYPES or p.dtype != c.dtype:
         return False
-    if mode() == "on":
+    if kernel_mode() == "on":
         return c.is_cuda or INTERPRET
     return c.is_cuda and p.is_cuda and not INTERPRET
 

@@ -5,6 +5,9 @@ parameters and the channel/head/region layout; each clustering layer keeps its l
 assignment map while recording (:mod:`fec_core.records`, :meth:`fec_core.FEC.forward_with_clusters`).
 Parameter names follow the official implementation so released checkpoints map
 one-to-one (``f``, ``v``, ``proj``, ``sim_alpha``, ``sim_beta``, ``conv_f``, ...).
+
+Shapes use the letters of :mod:`fec_core.clustering` (the official code's): a map is
+``[B, C, W, H]`` with ``W`` its rows and ``H`` its columns (the book's notation page).
 """
 from typing import Optional, Tuple
 
@@ -23,32 +26,32 @@ __all__ = ["Stem", "ClusterEncode", "ClusterPool", "Mlp", "ClusterBlock", "point
 def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """A 1x1 convolution as matrix products with the bias fused (chapter 12).
 
-    ``x`` [B, C, H, W], ``weight`` [O, C] (a linear layer's) or [O, C, 1, 1] (a
-    convolution's), ``bias`` [O] -> [B, O, H, W] (contiguous): ``F.conv2d(x, weight, bias)``
+    ``x`` [B, C, W, H], ``weight`` [O, C] (a linear layer's) or [O, C, 1, 1] (a
+    convolution's), ``bias`` [O] -> [B, O, W, H] (contiguous): ``F.conv2d(x, weight, bias)``
     up to rounding. Every projection of FEC (keys, values, output, MLP) is one. On a CPU,
     PyTorch runs a multi-threaded 1x1 convolution of a channels-first map through oneDNN,
     which converts the map to its blocked layout and back at every call. Maps of at least
-    ``POINTWISE_BMM_MIN`` points are one ``baddbmm`` on the ``[B, C, H * W]`` view (no copy;
+    ``POINTWISE_BMM_MIN`` points are one ``baddbmm`` on the ``[B, C, W * H]`` view (no copy;
     up to 5 times faster at two threads); smaller maps (the last stages, small images),
-    where a batch of tiny products is slow, one ``F.linear`` over all ``B * H * W`` points
+    where a batch of tiny products is slow, one ``F.linear`` over all ``B * W * H`` points
     (up to 50 times faster for 1x1 maps).
     """
-    b, c, h, w = x.shape
+    b, c, rows, cols = x.shape
     weight = weight.reshape(weight.shape[0], c)
-    if h * w < _bmm_min():
-        out = F.linear(x.permute(0, 2, 3, 1).reshape(b * h * w, c), weight, bias)
-        return out.reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous()
+    if rows * cols < _bmm_min():
+        out = F.linear(x.permute(0, 2, 3, 1).reshape(b * rows * cols, c), weight, bias)
+        return out.reshape(b, rows, cols, -1).permute(0, 3, 1, 2).contiguous()
     wt = weight.expand(b, -1, -1)
-    x2 = x.reshape(b, c, h * w)
+    x2 = x.reshape(b, c, rows * cols)
     if bias is None:
-        return torch.bmm(wt, x2).reshape(b, -1, h, w)
-    # the bias as [1, O, 1], broadcast by baddbmm: an expanded [B, O, H * W] copy would be cast
+        return torch.bmm(wt, x2).reshape(b, -1, rows, cols)
+    # the bias as [1, O, 1], broadcast by baddbmm: an expanded [B, O, W * H] copy would be cast
     # to full size under autocast (measured: 13% of fec_small's inference memory traffic)
     out = torch.baddbmm(bias.reshape(1, -1, 1), wt, x2)
-    return out.reshape(b, -1, h, w)
+    return out.reshape(b, -1, rows, cols)
 
 
-#: Fewest points (H * W) for which :func:`pointwise` uses one batched product per image;
+#: Fewest points (W * H) for which :func:`pointwise` uses one batched product per image;
 #: measured on 2 cores (chapter 12): ``baddbmm`` wins from 8x8 maps up, ``F.linear`` below.
 POINTWISE_BMM_MIN = 64
 
@@ -67,12 +70,12 @@ torch.fx.wrap("pointwise")
 def point_coordinates(x: torch.Tensor) -> torch.Tensor:
     """The two coordinate channels FEC appends to the image (chapter 2).
 
-    ``x`` [B, C, H, W] -> [B, 2, H, W]: row and column position scaled to [0, 1],
+    ``x`` [B, C, W, H] -> [B, 2, W, H]: row and column position scaled to [0, 1],
     minus 0.5 (so in [-0.5, 0.5]), as in the official code.
     """
-    b, _, h, w = x.shape
-    rows = torch.arange(h, device=x.device, dtype=torch.float32) / max(h - 1.0, 1.0)
-    cols = torch.arange(w, device=x.device, dtype=torch.float32) / max(w - 1.0, 1.0)
+    b, _, n_rows, n_cols = x.shape
+    rows = torch.arange(n_rows, device=x.device, dtype=torch.float32) / max(n_rows - 1.0, 1.0)
+    cols = torch.arange(n_cols, device=x.device, dtype=torch.float32) / max(n_cols - 1.0, 1.0)
     pos = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=0) - 0.5
     return pos.to(x.dtype).unsqueeze(0).expand(b, -1, -1, -1)
 
@@ -81,7 +84,7 @@ class Stem(nn.Module):
     """Images as sets of points (chapter 2): RGB plus coordinates, then a ``patch x patch``
     convolution with stride ``patch`` (the official "point reducer").
 
-    [B, in_chans, H, W] -> [B, dim, H / patch, W / patch].
+    [B, in_chans, W, H] -> [B, dim, W / patch, H / patch].
     """
 
     def __init__(self, in_chans: int = 3, dim: int = 32, patch: int = 4):
@@ -121,9 +124,8 @@ class ClusterEncode(AssignmentRecorder, nn.Module):
     Per head and per fold region: ``proposal = (gw, gh)`` centers by pooling, gated
     cosine similarity, argmax, aggregation, dispatch; then a 1x1 projection.
     [B, dim, W, H] -> [B, dim, W, H]. With ``record = True`` the last assignment is
-    kept in ``last_index``, shape ``[B, heads, fold_w, fold_h, rows, cols]`` (the rows and
-    columns of one region: ``rows = W / fold_w`` in the official code's letters, where ``W``
-    is the first spatial axis).
+    kept in ``last_index``, shape ``[B, heads, fold_w, fold_h, w, h]`` (``w = W / fold_w``
+    rows and ``h = H / fold_h`` columns: one fold region).
     """
 
     kind = "encode"
@@ -143,15 +145,15 @@ class ClusterEncode(AssignmentRecorder, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, rows, cols = x.shape
         _check_fold(self.name, rows, cols, self.fold, 1)
-        e, fw, fh = self.heads, self.fold[0], self.fold[1]
+        e, fold_w, fold_h = self.heads, self.fold[0], self.fold[1]
         keys = pointwise(x, self.f.weight, self.f.bias).reshape(b * e, self.head_dim, rows, cols)
         values = pointwise(x, self.v.weight, self.v.bias).reshape(b * e, self.head_dim, rows, cols)
-        keys, values = cl.fold(keys, fw, fh), cl.fold(values, fw, fh)
+        keys, values = cl.fold(keys, fold_w, fold_h), cl.fold(values, fold_w, fold_h)
         out, index = cl.cluster_encode(keys, values, self.sim_alpha, self.sim_beta, self.proposal, self.literal)
-        rr, rc = rows // fw, cols // fh  # one region's rows and columns
+        w, h = rows // fold_w, cols // fold_h  # one region's rows and columns
         if not torch.jit.is_scripting():
-            self.keep_assignment(index, [b, e, fw, fh, rr, rc])
-        out = cl.unfold(out.transpose(1, 2).reshape(b * e * fw * fh, self.head_dim, rr, rc), fw, fh)
+            self.keep_assignment(index, [b, e, fold_w, fold_h, w, h])
+        out = cl.unfold(out.transpose(1, 2).reshape(b * e * fold_w * fold_h, self.head_dim, w, h), fold_w, fold_h)
         return pointwise(out.reshape(b, e * self.head_dim, rows, cols), self.proj.weight, self.proj.bias)
 
     def extra_repr(self) -> str:
@@ -164,8 +166,8 @@ class ClusterPool(AssignmentRecorder, nn.Module):
     N points -> N/4 representatives (2x2 center grid per region), plus a 3x3
     stride-2 convolution as skip connection, GroupNorm on the representatives.
     [B, in_dim, W, H] -> [B, out_dim, W/2, H/2]. ``conv_f`` only feeds the argmax and
-    therefore never receives a gradient. ``last_index``: ``[B, fold_w, fold_h, rows, cols]``
-    (one region's rows and columns).
+    therefore never receives a gradient. ``last_index``: ``[B, fold_w, fold_h, w, h]``
+    (``w x h``: one fold region's rows and columns).
     """
 
     kind = "pool"
@@ -182,21 +184,21 @@ class ClusterPool(AssignmentRecorder, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, rows, cols = x.shape
         _check_fold(self.name, rows, cols, self.fold, 2)
-        fw, fh = self.fold[0], self.fold[1]
+        fold_w, fold_h = self.fold[0], self.fold[1]
         identity = self.conv_skip(x)
-        keys = cl.fold(pointwise(x, self.conv_f.weight, self.conv_f.bias), fw, fh)
-        values = cl.fold(pointwise(x, self.conv_v.weight, self.conv_v.bias), fw, fh)
+        keys = cl.fold(pointwise(x, self.conv_f.weight, self.conv_f.bias), fold_w, fold_h)
+        values = cl.fold(pointwise(x, self.conv_v.weight, self.conv_v.bias), fold_w, fold_h)
         reps, index = cl.cluster_pool(keys, values, self.literal)
         if not torch.jit.is_scripting():
-            self.keep_assignment(index, [b, fw, fh, rows // fw, cols // fh])
-        return identity + self.norm2(cl.unfold(reps, fw, fh))
+            self.keep_assignment(index, [b, fold_w, fold_h, rows // fold_w, cols // fold_h])
+        return identity + self.norm2(cl.unfold(reps, fold_w, fold_h))
 
     def extra_repr(self) -> str:
         return f"fold={self.fold}"
 
 
 class Mlp(nn.Module):
-    """Point-wise MLP (two linear layers with GELU), [B, C, H, W] -> [B, C, H, W]."""
+    """Point-wise MLP (two linear layers with GELU), [B, C, W, H] -> [B, C, W, H]."""
 
     def __init__(self, dim: int, hidden: int, drop: float = 0.0):
         super().__init__()
@@ -214,7 +216,7 @@ class Mlp(nn.Module):
 
 class ClusterBlock(nn.Module):
     """One FEC block: ``x + s1 * encode(norm1(x))`` then ``x + s2 * mlp(norm2(x))``,
-    with GroupNorm, LayerScale (``layer_scale_1/2``) and DropPath. [B, C, H, W] -> same."""
+    with GroupNorm, LayerScale (``layer_scale_1/2``) and DropPath. [B, C, W, H] -> same."""
 
     def __init__(self, dim: int, mlp_ratio: float = 4.0, heads: int = 4, head_dim: int = 24,
                  proposal: Tuple[int, int] = (2, 2), fold: Tuple[int, int] = (1, 1), drop: float = 0.0,

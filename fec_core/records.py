@@ -38,7 +38,7 @@ class ClusterRecord:
     for ``kind == 'pool'`` ``[B, fold_w, fold_h, w, h]``. ``(w, h)`` is the size of one fold
     region of the layer's input feature map (rows, columns); the value is the index
     of the winning center inside its region, row-major over the region's center grid
-    ``grid`` (``proposal`` for encode layers, ``(w/2, h/2)`` for pooling).
+    ``proposal`` (the layer's ``proposal`` for encode layers, ``(w/2, h/2)`` for pooling).
     """
 
     name: str
@@ -47,11 +47,11 @@ class ClusterRecord:
     stage: int
     index: torch.Tensor
     fold: Tuple[int, int]
-    grid: Tuple[int, int]
+    proposal: Tuple[int, int]
 
     @property
     def num_centers(self) -> int:
-        return self.grid[0] * self.grid[1]
+        return self.proposal[0] * self.proposal[1]
 
 
 class AssignmentRecorder:
@@ -93,8 +93,8 @@ def collect_records(layers: Sequence[nn.Module]) -> List[ClusterRecord]:
         if m.last_index is None:
             continue
         idx = m.last_index
-        grid = m.proposal if m.kind == "encode" else (idx.shape[-2] // 2, idx.shape[-1] // 2)
-        records.append(ClusterRecord(m.name, m.official_name, m.kind, m.stage, idx, m.fold, grid))
+        proposal = m.proposal if m.kind == "encode" else (idx.shape[-2] // 2, idx.shape[-1] // 2)
+        records.append(ClusterRecord(m.name, m.official_name, m.kind, m.stage, idx, m.fold, proposal))
         m.last_index = None
     return records
 

@@ -23,7 +23,7 @@ from torch.utils._pytree import tree_leaves
 
 import fec_core  # noqa: F401  (registers the models)
 import fec_core.clustering as cl
-from fec_core import kernels
+from fec_core import config, kernels
 
 VIEWS = {"view", "_unsafe_view", "transpose", "t", "expand", "permute", "unsqueeze", "squeeze", "as_strided",
          "slice", "select", "alias", "detach", "_reshape_alias", "reshape", "flatten", "lift_fresh", "unbind"}
@@ -58,7 +58,7 @@ class Traffic(TorchDispatchMode):
 
 
 def encode_step(mode: str, train: bool):
-    kernels.set_mode(mode)
+    config.set_kernel_mode(mode)
     torch.manual_seed(0)
     b, c, side = 8, 24, 56  # 2 images x 4 heads
     k = torch.randn(b, c, side, side, dtype=torch.bfloat16, requires_grad=train)
@@ -76,7 +76,7 @@ def encode_step(mode: str, train: bool):
 
 def model_step(mode: str, train: bool, batch: int = 2):
     import timm
-    kernels.set_mode(mode)
+    config.set_kernel_mode(mode)
     torch.manual_seed(0)
     m = timm.create_model("fec_small").train(train)
     x = torch.randn(batch, 3, 224, 224)

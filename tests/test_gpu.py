@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import fec_core.clustering as cl
-from fec_core import kernels
+from fec_core import config, kernels
 from fec_core.numerics import assert_assignments_close, tolerance
 from conftest import tiny_model
 
@@ -35,9 +35,9 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 #: Largest difference allowed between the two paths' values and gradients, relative to
 #: the largest magnitude: a few rounding steps of the dtype (float32: no TF32 anywhere).
 REL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
-KERNEL_HERE = kernels.HAS_TRITON and (ON_CUDA or (kernels.INTERPRET and kernels.mode() == "on"))
+KERNEL_HERE = kernels.HAS_TRITON and (ON_CUDA or (kernels.INTERPRET and config.kernel_mode() == "on"))
 #: Whether the fast encode path runs the fused Triton kernel here (fec_core.kernels_encode).
-ENCODE_KERNEL_HERE = KERNEL_HERE and kernels.mode() != "off"
+ENCODE_KERNEL_HERE = KERNEL_HERE and config.kernel_mode() != "off"
 COMPILE_HERE = ON_CUDA or os.environ.get("FEC_TEST_COMPILE") == "1"
 
 
@@ -282,17 +282,17 @@ def test_kernel_against_pytorch_tiles(dtype):
     """The fused kernel against the PyTorch tiles (kernel switched off) and a float64
     reference, under the contract; duplicated centers: the first copy wins (the kernel
     computes both copies' scores with the same arithmetic)."""
-    before = kernels.mode()
+    before = config.kernel_mode()
     for i, (b, m, n, c) in enumerate(KERNEL_SHAPES):
         ck = F.normalize(_rand(b, m, c, seed=20 + i), dim=-1).to(dtype)
         pk = F.normalize(_rand(b, n, c, seed=40 + i), dim=-1).to(dtype)
         got = kernels.cosine_argmax(ck, pk)
         try:
-            kernels.set_mode("off")
+            config.set_kernel_mode("off")
             tiles = cl._cosine_argmax(ck, pk, 1 << 24)
             small_tiles = cl._cosine_argmax(ck, pk, 4096)  # center tiles and a running maximum
         finally:
-            kernels.set_mode(before)
+            config.set_kernel_mode(before)
         scores = torch.matmul(pk.double(), ck.double().transpose(1, 2)).transpose(1, 2)  # [B, M, N]
         atol = tolerance(dtype)
         assert_assignments_close(scores, got, expected=tiles, atol=atol, msg=f"kernel {(b, m, n, c)}")
@@ -321,9 +321,9 @@ ENCODE_CASES = [(torch.float32, None), (torch.float16, None), (torch.bfloat16, N
 def _encode_on(k, v, alpha, beta, grid, mode, amp):
     """cluster_encode's fast path in kernel ``mode``, forward and backward (a fixed random
     weighting of the output as the loss): ``(out, index, grads of k, v, alpha, beta)``."""
-    before = kernels.mode()
+    before = config.kernel_mode()
     try:
-        kernels.set_mode(mode)
+        config.set_kernel_mode(mode)
         k, v, alpha, beta = (t.detach().clone().requires_grad_(True) for t in (k, v, alpha, beta))
         with torch.autocast(k.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
             out, index = cl.cluster_encode(k, v, alpha, beta, grid)
@@ -331,7 +331,7 @@ def _encode_on(k, v, alpha, beta, grid, mode, amp):
         (out.double() * w).sum().backward()
         return out.detach(), index, [t.grad for t in (k, v, alpha, beta)]
     finally:
-        kernels.set_mode(before)
+        config.set_kernel_mode(before)
 
 
 def _encode_fixed(k, v, alpha, beta, grid, index):
@@ -400,9 +400,9 @@ def test_encode_kernel_compiled_matches_eager():
     kernels in both)."""
     k, v = _rand(8, 24, 28, 28, seed=90), _rand(8, 24, 28, 28, seed=91)
     alpha, beta = torch.tensor([1.1], device=DEVICE), torch.tensor([0.1], device=DEVICE)
-    before = kernels.mode()
+    before = config.kernel_mode()
     try:
-        kernels.set_mode("on")
+        config.set_kernel_mode("on")
 
         def enc(k, v, a, b):
             return cl.cluster_encode(k, v, a, b, (4, 4))
@@ -415,7 +415,7 @@ def test_encode_kernel_compiled_matches_eager():
             (out * torch.randn(out.shape, generator=_gen(14)).to(out.device)).sum().backward()
             results.append((out.detach(), index, [t.grad for t in args]))
     finally:
-        kernels.set_mode(before)
+        config.set_kernel_mode(before)
     (oc, jc, gc), (oe, je, ge) = results
     assert torch.equal(jc, je)
     torch.testing.assert_close(oc, oe, rtol=1e-5, atol=1e-6)
@@ -431,15 +431,15 @@ def test_model_with_and_without_kernels(dtype):
     error against the float32 model within 1.5 times the other's plus REL."""
     m = tiny(dense=True)
     x = _rand(2, 3, 64, 64, seed=15)
-    before = kernels.mode()
+    before = config.kernel_mode()
     try:
-        kernels.set_mode("on")
+        config.set_kernel_mode("on")
         on = _model_run(m, x, False, dtype)
-        kernels.set_mode("off")
+        config.set_kernel_mode("off")
         off = _model_run(m, x, False, dtype)
         ref = _model_run(m, x, False, torch.float32) if dtype != torch.float32 else off
     finally:
-        kernels.set_mode(before)
+        config.set_kernel_mode(before)
     if dtype == torch.float32:
         if _agree(on[0], off[0], on[3], off[3], "kernels on vs off"):
             for n in off[2]:

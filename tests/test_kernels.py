@@ -12,12 +12,12 @@ import pytest
 import torch
 
 import fec_core.clustering as cl
-from fec_core import kernels, kernels_encode
+from fec_core import config, kernels, kernels_encode
 
 _INTERPRET_SCRIPT = textwrap.dedent(r"""
     import torch, torch.nn.functional as F
     import fec_core.clustering as cl
-    from fec_core import kernels
+    from fec_core import config, kernels
     assert kernels.INTERPRET and kernels.HAS_TRITON
     from fec_core.numerics import assert_assignments_close, tolerance
     torch.manual_seed(0)
@@ -37,7 +37,7 @@ _INTERPRET_SCRIPT = textwrap.dedent(r"""
         with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: inputs cast like matmul would
             assert torch.equal(kernels.cosine_argmax(ck, pk), kernels.cosine_argmax(ck.bfloat16(), pk.bfloat16()))
     # through the layer function, with the kernel forced on
-    kernels.set_mode("on")
+    config.set_kernel_mode("on")
     k, v = torch.randn(2, 8, 16, 12), torch.randn(2, 8, 16, 12)
     rf, jf = cl.cluster_pool(k, v)
     rl, jl = cl.cluster_pool(k, v, literal=True)
@@ -72,18 +72,18 @@ def test_triton_kernel_in_interpreter():
 
 
 def test_kernel_mode_and_fallback():
-    assert kernels.mode() in ("auto", "off", "on")
+    assert config.kernel_mode() in ("auto", "off", "on")
     with pytest.raises(ValueError):
-        kernels.set_mode("sometimes")
+        config.set_kernel_mode("sometimes")
     c = torch.randn(1, 4, 8)
     if not kernels.INTERPRET:
         assert not kernels.use_kernel(c, c)  # CPU tensors use the PyTorch tiles in 'auto' mode
-    before = kernels.mode()
+    before = config.kernel_mode()
     try:
-        kernels.set_mode("off")
+        config.set_kernel_mode("off")
         assert not kernels.use_kernel(c, c)
     finally:
-        kernels.set_mode(before)
+        config.set_kernel_mode(before)
 
 
 
@@ -91,7 +91,7 @@ def test_kernel_mode_and_fallback():
 _ENCODE_SCRIPT = textwrap.dedent(r"""
     import torch
     import fec_core.clustering as cl
-    from fec_core import kernels
+    from fec_core import config, kernels
     from fec_core.numerics import assert_assignments_close, tolerance
     assert kernels.INTERPRET and kernels.HAS_TRITON
     torch.manual_seed(0)
@@ -100,7 +100,7 @@ _ENCODE_SCRIPT = textwrap.dedent(r"""
     REL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
     def encode(k, v, a, b, grid, mode, amp=None):
-        kernels.set_mode(mode)
+        config.set_kernel_mode(mode)
         k, v, a, b = (t.detach().clone().requires_grad_(True) for t in (k, v, a, b))
         with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
             out, index = cl.cluster_encode(k, v, a, b, grid)
@@ -183,7 +183,7 @@ _ENCODE_SCRIPT = textwrap.dedent(r"""
     print("OPS-OK")
 
     # one graph for torch.compile, with and without autocast; compiled forward and backward
-    kernels.set_mode("on")
+    config.set_kernel_mode("on")
     k, v = torch.randn(2, 8, 8, 6, requires_grad=True), torch.randn(2, 8, 8, 6, requires_grad=True)
     a, b = torch.nn.Parameter(torch.ones(1)), torch.nn.Parameter(torch.zeros(1))
     def enc(k, v, a, b):
@@ -216,7 +216,7 @@ _ENCODE_SCRIPT = textwrap.dedent(r"""
     m = timm.create_model("fec_tiny", num_classes=10)
     img = torch.randn(2, 3, 64, 64)
     def model_run(mode):
-        kernels.set_mode(mode)
+        config.set_kernel_mode(mode)
         m.zero_grad(set_to_none=True)
         out, recs = m.forward_with_clusters(img)
         out.square().sum().backward()
@@ -252,13 +252,13 @@ def test_encode_kernel_switch_and_fallback():
     numbers as mode 'off'); layers beyond the kernel's sizes always do; bad inputs raise."""
     k, v = torch.randn(2, 8, 6, 4), torch.randn(2, 6, 6, 4)
     a, b = torch.ones(1), torch.zeros(1)
-    before = kernels.mode()
+    before = config.kernel_mode()
     try:
-        kernels.set_mode("off")
+        config.set_kernel_mode("off")
         assert not kernels.use_encode_kernel(k, v, 4, a, b)
         ref = cl.cluster_encode(k, v, a, b, (2, 2))
         if kernels.HAS_TRITON:
-            kernels.set_mode("on")
+            config.set_kernel_mode("on")
             assert kernels.use_encode_kernel(k, v, 4, a, b) == kernels.INTERPRET
             assert not kernels.use_encode_kernel(k, v, kernels_encode.MAX_CENTERS + 1, a, b)  # too many centers
             assert not kernels.use_encode_kernel(k.double(), v.double(), 4, a, b)
@@ -270,7 +270,7 @@ def test_encode_kernel_switch_and_fallback():
                     kernels.fused_encode(k.flatten(2), k.flatten(2)[..., :4], v.flatten(2), v.flatten(2)[..., :4], a, b)
             with pytest.raises(ValueError, match="shapes do not fit"):
                 kernels.fused_encode(k.flatten(2), k.flatten(2)[:, :4, :4], v.flatten(2), v.flatten(2)[..., :4], a, b)
-        kernels.set_mode("auto")
+        config.set_kernel_mode("auto")
         assert not kernels.use_encode_kernel(k, v, 4, a, b)  # 'auto': CUDA tensors only
     finally:
-        kernels.set_mode(before)
+        config.set_kernel_mode(before)

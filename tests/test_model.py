@@ -51,7 +51,7 @@ def test_forward_with_clusters_records():
     encodes = [r for r in recs if r.kind == "encode"]
     assert len(encodes) == 14 and len(pools) == 3
     assert [tuple(r.index.shape) for r in pools] == [(1, 1, 1, 56, 56), (1, 1, 1, 28, 28), (1, 1, 1, 14, 14)]
-    assert tuple(encodes[0].index.shape) == (1, 4, 1, 1, 56, 56) and encodes[0].grid == (4, 4)
+    assert tuple(encodes[0].index.shape) == (1, 4, 1, 1, 56, 56) and encodes[0].proposal == (4, 4)
     assert all(int(r.index.max()) < r.num_centers for r in recs)
     assert recs[0].official_name == "network.0.0.token_mixer" and pools[0].official_name == "network.1"
     assert all(not l.record for l in m.clustering_layers())  # recording switched off again
@@ -127,9 +127,9 @@ def test_records_hold_the_assignment_of_every_image_head_and_region(literal):
         keys = mixer.f(model.stages[0].blocks[0].norm1(model.stem(x)))  # [2, 2 * d, 16, 24]
         pool_keys = model.stages[1].downsample.conv_f(model.stages[0](model.stem(x)))  # [2, C, 16, 24]
 
-    assert enc.name == "stages.0.blocks.0.token_mixer" and enc.grid == (2, 3) and enc.fold == (2, 2)
+    assert enc.name == "stages.0.blocks.0.token_mixer" and enc.proposal == (2, 3) and enc.fold == (2, 2)
     assert tuple(enc.index.shape) == (2, 2, 2, 2, 8, 12)
-    assert tuple(pool.index.shape) == (2, 2, 2, 8, 12) and pool.grid == (4, 6)
+    assert tuple(pool.index.shape) == (2, 2, 2, 8, 12) and pool.proposal == (4, 6)
     changed = False
     for b in range(2):
         for p in range(2):
