@@ -29,8 +29,8 @@ with _warnings.catch_warnings():
 
 from . import clustering, numerics
 from .checkpoint import CheckpointError, load_checkpoint, read_state_dict
-from .clustering import (aggregate, aggregate_dense, assign, assign_nearest, centers, cluster_encode,
-                         cluster_pool, dispatch, dispatch_dense, gate, one_hot, similarity)
+from .clustering import (aggregate, aggregate_literal, assign, assign_nearest, centers, cluster_encode,
+                         cluster_pool, dispatch, dispatch_literal, gate, one_hot, similarity)
 from .layers import ClusterBlock, ClusterEncode, ClusterPool, Stem
 from .model import (FEC, SETTINGS, VARIANTS, checkpoint_filter_fn, fec_base, fec_base_det, fec_base_seg,
                     fec_large, fec_large_det, fec_large_seg, fec_small, fec_small_det, fec_small_seg, fec_tiny)

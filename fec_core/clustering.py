@@ -16,10 +16,10 @@ Every clustering layer of FEC runs the same four steps on a set of points
 4. **aggregation** (Eq. 6, chapter 6): each representative is the average of
    its center value and its members' values,
    ``r_m = (c_m + sum_{n in m} v_n) / (1 + |m|)``. :func:`aggregate` (scatter)
-   and :func:`aggregate_dense` (literal, with the one-hot mask).
+   and :func:`aggregate_literal` (literal, with the one-hot mask).
 5. **dispatch** (Eq. 7, chapter 7, encode layers only): every point receives
    its representative scaled by its gate value. :func:`dispatch` (gather) and
-   :func:`dispatch_dense` (literal, the ``[B, M, N, D]`` product of the paper).
+   :func:`dispatch_literal` (literal, the ``[B, M, N, D]`` product of the paper).
 
 :func:`cluster_encode` and :func:`cluster_pool` chain the steps for the two
 kinds of layer (chapter 8 for pooling). Both have a *literal* path that mirrors
@@ -56,7 +56,7 @@ from .config import HAS_TORCH_SCATTER, scatter_backend, set_scatter_backend  # r
 
 __all__ = [
     "centers", "similarity", "unit", "gate", "assign", "assign_nearest", "one_hot",
-    "aggregate", "aggregate_dense", "dispatch", "dispatch_dense",
+    "aggregate", "aggregate_literal", "dispatch", "dispatch_literal",
     "cluster_encode", "cluster_pool", "fold", "unfold", "to_points",
     "scatter_backend", "set_scatter_backend", "HAS_TORCH_SCATTER",
 ]
@@ -313,7 +313,7 @@ def aggregate(values: torch.Tensor, center_values: torch.Tensor, index: torch.Te
     return reps if channels_first else reps.transpose(1, 2)
 
 
-def aggregate_dense(values: torch.Tensor, center_values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def aggregate_literal(values: torch.Tensor, center_values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Aggregation (Eq. 6), literal form with the one-hot ``mask`` [B, M, N]:
     ``R = (C + mask @ V) / (1 + mask.sum(-1))``. Same shapes as :func:`aggregate`."""
     return (torch.bmm(mask, values) + center_values) / (mask.sum(dim=-1, keepdim=True) + 1.0)
@@ -339,7 +339,7 @@ def dispatch(representatives: torch.Tensor, index: torch.Tensor, weight: torch.T
     return picked * weight.unsqueeze(1)
 
 
-def dispatch_dense(representatives: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def dispatch_literal(representatives: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Dispatch (Eq. 7), literal form: ``out_n = sum_m weights[m, n] * r_m``, ``weights``
     [B, M, N]. Builds the dense ``[B, M, N, D]`` product, the form of the supplement's
     Algorithm S1 (``(R.unsqueeze(1) * refined_M.unsqueeze(-1)).sum(0)``).
@@ -359,7 +359,8 @@ def cluster_encode(keys: torch.Tensor, values: torch.Tensor, alpha: torch.Tensor
 
     ``keys`` [B, C, W, H], ``values`` [B, D, W, H] -> ``(out [B, N, D], index [B, N])``:
     centers by pooling to the center grid ``proposal``, gated cosine similarity, argmax over the gate,
-    aggregation, dispatch. ``literal=True`` uses the dense mask and dense dispatch.
+    aggregation, dispatch. ``literal=True`` uses the one-hot mask (:func:`aggregate_literal`) and the
+    ``[B, M, N, D]`` dispatch (:func:`dispatch_literal`).
     The fast path returns ``out`` as a ``[B, N, D]`` view of a channels-first
     ``[B, D, N]`` tensor (so ``out.transpose(1, 2)`` is contiguous, chapter 12); on CUDA,
     when Triton is installed, one fused kernel runs its steps after the center pooling
@@ -376,8 +377,8 @@ def cluster_encode(keys: torch.Tensor, values: torch.Tensor, alpha: torch.Tensor
     if literal:
         pv, cv = to_points(values), to_points(cv_map)
         mask = one_hot(index, cv.shape[1], scores.dtype)
-        reps = aggregate_dense(pv, cv, mask)
-        return dispatch_dense(reps, scores * mask), index
+        reps = aggregate_literal(pv, cv, mask)
+        return dispatch_literal(reps, scores * mask), index
     # fast path, channels first: [B, D, N] views, no mask, no [B, M, N, D] product
     reps = aggregate(values.flatten(2), cv_map.flatten(2), index, channels_first=True)  # [B, D, M]
     out = dispatch(reps, index, best, channels_first=True)  # [B, D, N]
@@ -405,7 +406,7 @@ def cluster_pool(keys: torch.Tensor, values: torch.Tensor, literal: bool = False
         ck, cv = to_points(ck_map), to_points(cv_map)
         pk, pv = to_points(keys), to_points(values)
         _, index = assign(similarity(ck, pk))
-        reps = aggregate_dense(pv, cv, one_hot(index, ck.shape[1], pv.dtype))
+        reps = aggregate_literal(pv, cv, one_hot(index, ck.shape[1], pv.dtype))
         return reps.transpose(1, 2).reshape(b, -1, proposal[0], proposal[1]), index
     index = assign_nearest(to_points(ck_map), to_points(keys))
     reps = aggregate(values.flatten(2), cv_map.flatten(2), index, channels_first=True)  # [B, D, M]

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from tqdm.auto import tqdm
 
-from .data import normalize
+from . import data
 from .interpret import merge_regions, trace_clusters
 from .model import FEC
 from .regions import kmeans_labels, number_by_area, one_thread
@@ -54,10 +54,11 @@ def foreground_from_regions(regions: torch.Tensor, k: int = 2) -> torch.Tensor:
 
 @torch.no_grad()
 def segment_foreground(model: FEC, images: torch.Tensor, stage: int = -1, k: int = 2, seed: int = 0,
-                       batch_size: int = 64, normalized_input: bool = True, progress: bool = False) -> torch.Tensor:
+                       batch_size: int = 64, normalize: bool = True, progress: bool = False) -> torch.Tensor:
     """Emergent foreground segmentation from FEC's clusters, without any mask supervision.
 
-    ``images`` ``[B, 3, H, W]`` in [0, 1]. For each image: trace the clusters
+    ``images`` ``[B, 3, H, W]`` in [0, 1], ImageNet-normalized here (:func:`fec_core.data.normalize`;
+    ``normalize=False``: they are normalized already). For each image: trace the clusters
     (:func:`trace_clusters`), take the representatives of stage ``stage`` (default the
     last; stage ``s > 0`` ends with pooling layer ``s``) with every pixel's membership
     through the pooling hierarchy, merge them into ``k`` regions (:func:`merge_regions`)
@@ -70,7 +71,7 @@ def segment_foreground(model: FEC, images: torch.Tensor, stage: int = -1, k: int
     try:
         for s in tqdm(range(0, images.shape[0], batch_size), disable=not progress, desc="segment"):
             x = images[s:s + batch_size]
-            x = normalize(x) if normalized_input else x
+            x = data.normalize(x) if normalize else x
             _, maps, feats = trace_clusters(model, x, heads=[])
             hierarchy = [m for m in maps if m.kind in ("stem", "pool")]
             st = stage % len(feats)

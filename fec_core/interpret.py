@@ -202,14 +202,15 @@ def trace_clusters(model: FEC, x: torch.Tensor, heads: Optional[Sequence[int]] =
 
 # ---------------------------------------------------------------------------- merging
 def merge_regions(features: torch.Tensor, labels: torch.Tensor, k: int, seed: int = 0,
-                  normalize: bool = True, n_init: int = 10, nonempty: bool = False) -> torch.Tensor:
+                  unit: bool = True, n_init: int = 10, nonempty: bool = False) -> torch.Tensor:
     """Merge representatives into ``k`` regions with k-means (scikit-learn).
 
     ``features`` ``[B, C, rows, cols]``: one vector per representative (e.g. the last stage's
     output, or :func:`pool_key_centers`); ``labels`` ``[B, H, W]``: every pixel's
     representative (row-major index into ``rows x cols``, the last pooling layer's
     :attr:`LayerMap.labels`). Per image, k-means with ``k`` clusters runs on the feature
-    vectors (L2-normalized when ``normalize``: FEC compares points by cosine; ``n_init``
+    vectors (their unit vectors when ``unit``, as :func:`fec_core.clustering.unit` gives them:
+    FEC compares points by cosine; ``n_init``
     starts, the best kept) and each pixel takes its representative's region. With
     ``nonempty`` only the representatives that some pixel joined take part, and when
     there are at most ``k`` of them each is its own region (no k-means).
@@ -217,9 +218,9 @@ def merge_regions(features: torch.Tensor, labels: torch.Tensor, k: int, seed: in
     decreasing area, so the labels do not depend on k-means' arbitrary order.
 
     The official ``cluster_visualize.py`` (the paper's figures) is :func:`paper_regions`:
-    this function on the last pooling layer's *key centers*, ``normalize=False``,
+    this function on the last pooling layer's *key centers*, ``unit=False``,
     ``n_init=1``, ``nonempty=True``. The defaults here (the last stage's
-    representatives, normalized, 10 starts, all representatives) are this library's
+    representatives as unit vectors, 10 starts, all representatives) are this library's
     variant; chapter 11 compares the two.
     """
     b, c, rows, cols = features.shape
@@ -231,7 +232,7 @@ def merge_regions(features: torch.Tensor, labels: torch.Tensor, k: int, seed: in
     if not 1 <= k <= n:
         raise ValueError(f"k={k} regions from {n} representatives: choose 1 <= k <= {n}")
     feats = features.detach().float().flatten(2).transpose(1, 2).cpu()  # [B, hw, C]
-    if normalize:
+    if unit:  # F.normalize: unit() up to rounding, and the k-means numbers of chapter 11 rest on it
         feats = F.normalize(feats, dim=-1)
     out = torch.empty_like(labels)
     with one_thread():
@@ -283,4 +284,4 @@ def paper_regions(model: FEC, x: torch.Tensor, k: int, seed: int = 0) -> torch.T
     _, maps, _ = trace_clusters(model, x)
     last = [m for m in maps if m.kind == "pool"][-1]
     centers = pool_key_centers(model, x)
-    return merge_regions(centers, last.labels, k, seed=seed, normalize=False, n_init=1, nonempty=True)
+    return merge_regions(centers, last.labels, k, seed=seed, unit=False, n_init=1, nonempty=True)

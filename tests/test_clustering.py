@@ -94,7 +94,7 @@ def test_aggregate_matches_the_definition_with_empty_clusters():
             ref = (cvals[b, m] + members.sum(0)) / (1 + len(members))
             torch.testing.assert_close(out[b, m], ref)
     torch.testing.assert_close(out[0, 2], cvals[0, 2])  # empty cluster keeps its center value
-    torch.testing.assert_close(cl.aggregate_dense(values, cvals, cl.one_hot(index, 4)), out)
+    torch.testing.assert_close(cl.aggregate_literal(values, cvals, cl.one_hot(index, 4)), out)
 
 
 def test_aggregate_gradient_is_divided_by_cluster_size():
@@ -129,7 +129,7 @@ def test_dispatch_gather_equals_dense_product():
     reps, index = torch.randn(2, 4, 3), torch.randint(0, 4, (2, 10))
     weight = torch.rand(2, 10)
     mask = cl.one_hot(index, 4)
-    dense = cl.dispatch_dense(reps, mask * weight[:, None, :])
+    dense = cl.dispatch_literal(reps, mask * weight[:, None, :])
     torch.testing.assert_close(cl.dispatch(reps, index, weight), dense)
 
 

@@ -147,7 +147,7 @@ def test_pool_paths_random_keys_keep_the_contract(dtype):
     assert_assignments_close(scores, jf, expected=jl, atol=tolerance(dtype), msg="fast")
     grid = (k.shape[2] // 2, k.shape[3] // 2)
     cv, pv = cl.to_points(cl.centers(v, grid)), cl.to_points(v)
-    ref = cl.aggregate_dense(pv, cv, cl.one_hot(jf, cv.shape[1], pv.dtype))  # [B, M, D]
+    ref = cl.aggregate_literal(pv, cv, cl.one_hot(jf, cv.shape[1], pv.dtype))  # [B, M, D]
     assert_rel_close(rf.flatten(2).transpose(1, 2), ref, dtype, "representatives of the fast assignment")
 
 

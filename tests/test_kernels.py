@@ -45,7 +45,7 @@ _INTERPRET_SCRIPT = textwrap.dedent(r"""
     scores = cl.similarity(cl.to_points(cl.centers(kd, (8, 6))), cl.to_points(kd))
     assert_assignments_close(scores, jf, expected=jl, atol=tolerance(torch.float32))
     cv, pv = cl.to_points(cl.centers(v, (8, 6))), cl.to_points(v)
-    ref = cl.aggregate_dense(pv, cv, cl.one_hot(jf, cv.shape[1]))  # the literal sums of the same pick
+    ref = cl.aggregate_literal(pv, cv, cl.one_hot(jf, cv.shape[1]))  # the literal sums of the same pick
     assert torch.allclose(rf.flatten(2).transpose(1, 2), ref, atol=1e-6)
     # the kernel is a registered custom op: traced into one graph, with and without autocast
     def pool_amp(k, v):

@@ -104,27 +104,6 @@ def test_semantic_fpn_shapes_levels_and_errors():
         SemanticFPN(chans, 5, strides=(4, 8, 16))
 
 
-def test_semantic_fpn_loads_checkpoints_from_before_torchvisions_pyramid():
-    """Keys saved when the pyramid was the head's own (``lateral.i``, ``smooth.i``) load into
-    torchvision's ``FeaturePyramidNetwork`` (inside a segmenter too: any prefix)."""
-    torch.manual_seed(0)
-    seg = FECSegmenter(tiny_fec(dense=True), len(SEG_CLASSES)).eval()
-    old = {}
-    for key, value in seg.state_dict().items():
-        for new, before in (("pyramid.inner_blocks.", "lateral."), ("pyramid.layer_blocks.", "smooth.")):
-            if new in key:
-                head, rest = key.split(new)
-                level, _, tail = rest.split(".", 2)
-                key = f"{head}{before}{level}.{tail}"
-        old[key] = value
-    assert "head.lateral.0.weight" in old and "head.smooth.3.bias" in old
-    again = FECSegmenter(tiny_fec(dense=True), len(SEG_CLASSES)).eval()
-    again.load_state_dict(old)
-    x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        assert torch.equal(again(x), seg(x))
-
-
 def test_segmenter_output_and_gradients():
     torch.manual_seed(0)
     seg = FECSegmenter(timm.create_model("fec_tiny", features_only=True, setting="seg"), len(SEG_CLASSES),

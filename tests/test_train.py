@@ -22,12 +22,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_default_config_is_the_official_imagenet_recipe():
     """The official train.py defaults with cmds/train.sh's options (github guikunchen/FEC),
     without the 10 cool-down epochs, EMA off as in the script."""
-    import fec_core.train
-
     cfg = TrainConfig(data_dir="/data/imagenet")
     assert all(getattr(cfg, k) == v for k, v in OFFICIAL_IMAGENET_RECIPE.items())
     assert (cfg.cooldown_epochs, cfg.ema, cfg.min_lr, cfg.workers) == (0, False, 1e-6, 8)
-    assert not hasattr(fec_core.train, "PAPER_RECIPE")  # renamed, no alias
     assert (cfg.dataset, cfg.model, cfg.img_size, cfg.epochs, cfg.warmup_epochs) == ("imagefolder", "fec_small", 224, 300, 5)
     assert (cfg.lr_base, cfg.weight_decay, cfg.warmup_lr, cfg.opt, cfg.sched) == (1e-3, 0.05, 1e-6, "adamw", "cosine")
     assert (cfg.smoothing, cfg.mixup, cfg.cutmix, cfg.drop_path, cfg.re_prob) == (0.1, 0.8, 1.0, 0.1, 0.25)

@@ -22,15 +22,6 @@ def _conv_norm_act(cin: int, cout: int) -> nn.Sequential:
                          nn.ReLU(inplace=True))
 
 
-def _rename_old_fpn_keys(state_dict, prefix, *args) -> None:
-    """Checkpoints saved before the pyramid was torchvision's: ``lateral.i.*`` and
-    ``smooth.i.*`` -> ``pyramid.inner_blocks.i.0.*`` and ``pyramid.layer_blocks.i.0.*``."""
-    for old, new in (("lateral.", "pyramid.inner_blocks."), ("smooth.", "pyramid.layer_blocks.")):
-        for key in [k for k in state_dict if k.startswith(prefix + old)]:
-            level, rest = key[len(prefix + old):].split(".", 1)
-            state_dict[f"{prefix}{new}{level}.0.{rest}"] = state_dict.pop(key)
-
-
 class SemanticFPN(nn.Module):
     """The Semantic FPN decoder (Kirillov et al. 2019), FEC's segmentation head in the paper.
 
@@ -62,8 +53,8 @@ class SemanticFPN(nn.Module):
         self.in_channels, self.strides, self.num_classes = list(in_channels), list(strides), num_classes
         with torch.random.fork_rng(devices=[]):  # its own init draws leave the global generator alone
             self.pyramid = FeaturePyramidNetwork(self.in_channels, fpn_channels)
-        # PyTorch's default convolution init, drawn laterals first, as this head always was
-        # (torchvision's kaiming(a=1) would change every trained number of chapter 13)
+        # PyTorch's default convolution init, laterals drawn first: chapter 13's trained numbers
+        # rest on these initial weights (torchvision's kaiming(a=1) would give others)
         for conv in self.lateral + self.smooth:
             conv.reset_parameters()
         self.scale_heads = nn.ModuleList()
@@ -73,7 +64,6 @@ class SemanticFPN(nn.Module):
                 _conv_norm_act(fpn_channels if k == 0 else head_channels, head_channels) for k in range(steps)))
         self.dropout = nn.Dropout2d(dropout)
         self.classifier = nn.Conv2d(head_channels, num_classes, 1)
-        self._register_load_state_dict_pre_hook(_rename_old_fpn_keys)
 
     @property
     def lateral(self) -> List[nn.Conv2d]:
