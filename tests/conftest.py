@@ -1,12 +1,14 @@
-"""What the tests share: the golden tensors, the tiny FEC, the literal-versus-fast check,
-the training tests' small runs, one thread for tiny models, and the ``slow`` selection.
+"""What the tests share: the golden tensors, the one tiny FEC (:func:`tiny_fec`), the
+literal-versus-fast check, the training tests' small runs, one thread for tiny models, and the
+``slow`` selection.
 
 One test file per module of ``fec_core``: test_clustering.py (the equations), test_layers.py,
-test_model.py, test_checkpoint.py, test_data.py, test_train.py (the train package),
-test_interpret.py, test_visualize.py, test_seg.py, test_kernels.py, test_bench.py,
-test_costs.py, test_config.py, test_numerics.py; and across modules test_parity.py (the golden tensors of
-the official code), test_ecosystem.py (timm's contract, TorchScript, FX, compile, export,
-ONNX), test_reliability.py (kills, full disks, bad input) and test_gpu.py (the CUDA path).
+test_model.py (with records), test_checkpoint.py, test_data.py, test_train.py (the train
+package), test_interpret.py (with regions and foreground), test_visualize.py, test_seg.py,
+test_kernels.py, test_bench.py, test_costs.py, test_config.py, test_numerics.py; and across
+modules test_imports.py (the package's structure), test_parity.py (the golden tensors of the
+official code), test_ecosystem.py (timm's contract, TorchScript, FX, compile, export, ONNX),
+test_reliability.py (kills, full disks, bad input) and test_gpu.py (the CUDA path).
 Tests marked ``slow`` (more than about 10 s on one thread) are left out of ``pytest tests``
 unless ``--run-slow`` (or an explicit ``-m``) is given; ``python3 dev.py test`` runs them.
 """
@@ -63,18 +65,18 @@ def official_state_dict(model, prefix=""):
 
 
 # ----------------------------------------------------------------------------- the tiny FEC
-#: The tiny FEC of the tests: four stages of one block, a few thousand parameters.
+#: The tests' FEC: four stages of one block (16 to 40 channels, two heads), 4 classes (the
+#: ``shapes`` dataset's), a few thousand parameters.
 TINY = dict(layers=(1, 1, 1, 1), embed_dims=(16, 24, 32, 40), mlp_ratios=(2, 2, 2, 2), heads=(2, 2, 2, 2),
-            head_dim=(8, 8, 8, 8), num_classes=7)
-#: The training tests' variant: narrower (8-32 channels, one head in stages 0-1).
-NARROW = dict(embed_dims=(8, 16, 24, 32), heads=(1, 1, 2, 2), num_classes=4)
+            head_dim=(8, 8, 8, 8), num_classes=4)
 
 
-def tiny_model(layer_scale=0.5, **kw):
-    """The tests' FEC (:data:`TINY`, seed 0); keyword arguments override its settings.
-
-    ``layer_scale``: the value of every layer scale, lifted from FEC's 1e-5 to 0.5 by default
-    so that the clustering shows in the output; ``None`` keeps FEC's initial value."""
+def tiny_fec(layer_scale=0.5, **kw):
+    """The one FEC the tests build (:data:`TINY`, seed 0); keyword arguments override its
+    settings. ``layer_scale``: the value of every layer scale, lifted from FEC's 1e-5 to 0.5
+    so that the clustering shows in the output; ``None`` keeps FEC's initial value.
+    (``timm.create_model('fec_tiny')`` is the registered variant, used where timm's path is
+    what a test checks.)"""
     from fec_core import FEC
 
     args = dict(TINY, **kw)
@@ -82,11 +84,6 @@ def tiny_model(layer_scale=0.5, **kw):
         args.setdefault("layer_scale_init_value", layer_scale)
     torch.manual_seed(0)
     return FEC(**args)
-
-
-def tiny_fec(num_classes=4, **kw):
-    """The tiny FEC as the training tests train it: :data:`NARROW`, FEC's own layer scale."""
-    return tiny_model(layer_scale=None, **{**NARROW, "num_classes": num_classes, **kw})
 
 
 def _run_path(module, x, literal):

@@ -1,10 +1,9 @@
 """fec_core.costs: parameter and multiply-accumulate counts (book chapter 9)."""
 import pytest
-import timm
 import torch
 import torch.nn as nn
 
-import fec_core  # noqa: F401  (registers the FEC models)
+from conftest import tiny_fec
 from fec_core.costs import count_macs, count_params, macs_breakdown, macs_by_module, macs_by_operator
 
 
@@ -33,7 +32,7 @@ def test_macs_of_known_layers():
 
 
 def test_breakdown_adds_up_and_restores_training_mode():
-    m = timm.create_model("fec_tiny").train()
+    m = tiny_fec().train()
     b = macs_breakdown(m, 64)
     assert m.training, "counting must not leave the model in eval mode"
     stages = macs_by_module(m, 64, depth=2)

@@ -19,6 +19,7 @@ from timm import set_scriptable
 from timm.models import get_notrace_functions, get_notrace_modules
 from torchvision.models.feature_extraction import create_feature_extractor
 
+from conftest import tiny_fec
 from fec_core import FEC, clustering as cl
 from fec_core.numerics import assert_assignments_close
 
@@ -161,7 +162,7 @@ def test_fx_backward_and_torchvision_feature_extraction():
 @pytest.mark.parametrize("literal", [False, True])
 def test_forward_traces_into_one_graph(literal):
     """torch.compile sees one graph without breaks, on both clustering paths."""
-    m = timm.create_model("fec_tiny").eval().set_literal(literal)
+    m = tiny_fec().eval().set_literal(literal)
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(m)(images(2))
     assert explanation.graph_break_count == 0, explanation.break_reasons
@@ -173,7 +174,7 @@ def test_compiled_training_step_matches_eager():
     needed) traces forward and backward of the fast path and gives eager's outputs and
     gradients (inductor on CUDA: test_gpu.py). Layer scales at 0.5, not 1e-5, so that the
     clustering shows in the output."""
-    m = timm.create_model("fec_tiny", layer_scale_init_value=0.5)
+    m = tiny_fec()
     x = images(2)
     torch._dynamo.reset()
     compiled = torch.compile(m, backend="aot_eager", fullgraph=True)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import fec_core.clustering as cl
 from fec_core import config, kernels
 from fec_core.numerics import assert_assignments_close, tolerance
-from conftest import tiny_model
+from conftest import tiny_fec
 
 DEVICE = os.environ.get("FEC_TEST_DEVICE", "cuda")
 ON_CUDA = DEVICE.startswith("cuda")
@@ -185,10 +185,6 @@ def test_encode_paths_random_keys_keep_the_contract(dtype):
 
 
 # ----------------------------------------------------------------------------- whole model
-def tiny(**kw):
-    return tiny_model(**kw).to(DEVICE)
-
-
 def _model_run(m, x, literal, dtype):
     m.set_literal(literal).zero_grad(set_to_none=True)
     x = x.clone().requires_grad_(True)
@@ -224,7 +220,7 @@ def _agree(out_a, out_b, recs_a, recs_b, what):
 
 
 def test_model_paths_agree_float32_and_match_the_cpu():
-    m = tiny(dense=True, fold=(2, 2, 1, 1), proposal=(2, 2, 2, 1))
+    m = tiny_fec(dense=True, fold=(2, 2, 1, 1), proposal=(2, 2, 2, 1)).to(DEVICE)
     x = _rand(2, 3, 64, 64, seed=0)
     of, gxf, gf, rf = _model_run(m, x, False, torch.float32)
     ol, gxl, gl, rl = _model_run(m, x, True, torch.float32)
@@ -236,7 +232,7 @@ def test_model_paths_agree_float32_and_match_the_cpu():
         assert gf.keys() == gl.keys() and len(gf) > 20
         for n in gf:
             torch.testing.assert_close(gf[n], gl[n], atol=1e-4, rtol=1e-3, msg=n)
-    m_cpu = tiny(dense=True, fold=(2, 2, 1, 1), proposal=(2, 2, 2, 1)).cpu().eval()
+    m_cpu = tiny_fec(dense=True, fold=(2, 2, 1, 1), proposal=(2, 2, 2, 1)).eval()
     with torch.no_grad():
         out_cpu, rec_cpu = m_cpu.forward_with_clusters(x.cpu(), intermediates=True)
     _agree(of, out_cpu, rf, rec_cpu, f"{DEVICE} vs cpu")
@@ -253,7 +249,7 @@ def test_model_paths_agree_under_autocast(dtype, seed):
     path's mean error against the float32 model is at most 1.5 times the literal path's
     (plus REL): the fast path is as accurate as the paper's formulation. (With the fused
     encode kernel the first layer's arithmetic differs too: 99% of its points agree.)"""
-    m = tiny(dense=True)
+    m = tiny_fec(dense=True).to(DEVICE)
     x = _rand(2, 3, 64, 64, seed=seed)
     of, gxf, _, rf = _model_run(m, x, False, dtype)
     ol, gxl, _, rl = _model_run(m, x, True, dtype)
@@ -429,7 +425,7 @@ def test_model_with_and_without_kernels(dtype):
     """A whole model forward and backward with the Triton kernels on against off: float32
     strict where every assignment agrees (see _agree); under bf16 autocast, each path's mean
     error against the float32 model within 1.5 times the other's plus REL."""
-    m = tiny(dense=True)
+    m = tiny_fec(dense=True).to(DEVICE)
     x = _rand(2, 3, 64, 64, seed=15)
     before = config.kernel_mode()
     try:
@@ -465,7 +461,7 @@ def test_compiled_fullgraph_matches_eager():
     """``torch.compile(fullgraph=True)`` (inductor; on CUDA with the Triton kernel as a
     custom op inside the graph) of the fast path, forward and backward: one graph
     (fullgraph raises on a break), eager's outputs and gradients (see _compiled_close)."""
-    m = tiny(dense=True)
+    m = tiny_fec(dense=True).to(DEVICE)
     stages = functools.partial(m.forward_intermediates, intermediates_only=True)  # the 4 outputs
     x = _rand(4, 3, 64, 64, seed=3)
     torch._dynamo.reset()
@@ -496,7 +492,7 @@ def test_compiled_bf16_autocast_inference():
     (test_model_paths_agree_under_autocast), so neither is the reference. The float32
     eager model is; the compiled model's mean error against it is at most 1.5 times the
     eager bf16 model's (plus REL), stage by stage."""
-    m = tiny(dense=True).eval()
+    m = tiny_fec(dense=True).to(DEVICE).eval()
     stages = functools.partial(m.forward_intermediates, intermediates_only=True)  # the 4 outputs
     x = _rand(4, 3, 64, 64, seed=4)
     torch._dynamo.reset()

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_model
+from conftest import tiny_fec
 from fec_core import clustering as cl
 from fec_core.foreground import (border_share, evaluate_segmentation, foreground_from_regions, foreground_iou,
                                  kmeans_foreground, patch_oracle, segment_foreground)
@@ -12,10 +12,8 @@ from fec_core.interpret import encode_clusters, merge_regions, pool_parents, ste
 from fec_core.visualize import select_layers
 
 
-def small_fec(**kw):
-    """A tiny FEC with uneven folds and center grids (everything that could confuse the layout)."""
-    return tiny_model(proposal=((2, 3), (2, 2), (1, 2), (1, 1)), fold=((2, 1), (1, 2), (2, 2), (1, 1)),
-                      num_classes=4, **kw).eval()
+#: Uneven folds and center grids for the tests' FEC: everything that could confuse the layout.
+UNEVEN = dict(proposal=((2, 3), (2, 2), (1, 2), (1, 1)), fold=((2, 1), (1, 2), (2, 2), (1, 1)))
 
 
 def test_stem_points_cover_every_pixel_including_leftovers():
@@ -30,7 +28,7 @@ def test_stem_points_cover_every_pixel_including_leftovers():
 def test_pool_parents_reproduce_the_pooled_representatives():
     """Independent check of the index layout: rebuilding each pooling layer's output from
     ``pool_parents`` (Eq. 6 by hand) gives the layer's output, with folds on a non-square input."""
-    model = small_fec()
+    model = tiny_fec(**UNEVEN).eval()
     x = torch.randn(2, 3, 130, 194)  # stem 32x48, folds along rows in one stage, columns in another
     seen = {}
     for i in range(1, 4):
@@ -57,7 +55,7 @@ def test_pool_parents_reproduce_the_pooled_representatives():
 def test_encode_clusters_match_a_direct_assignment():
     """Stage 0's encode labels at every pixel equal the gated argmax recomputed from the layer's
     parameters on the unfolded map (fold (2, 1), proposal (2, 3))."""
-    model = small_fec()
+    model = tiny_fec(**UNEVEN).eval()
     x = torch.randn(1, 3, 64, 96)
     seen = {}
     mixer = model.stages[0].blocks[0].token_mixer
@@ -79,7 +77,7 @@ def test_encode_clusters_match_a_direct_assignment():
 
 
 def test_trace_gives_nested_label_maps_at_image_resolution():
-    model = small_fec()
+    model = tiny_fec(**UNEVEN).eval()
     x = torch.randn(2, 3, 128, 192)
     out, maps, feats = trace_clusters(model, x)
     assert out.shape == (2, 4)
@@ -109,7 +107,7 @@ def test_trace_gives_nested_label_maps_at_image_resolution():
 def test_trace_clusters_returns_the_forward_output_and_the_stage_outputs(dense):
     """One pass gives what ``model(x)`` and :meth:`FEC.forward_intermediates` give (same
     arithmetic: exact), for a classifier and for a dense model (normalized stage outputs)."""
-    model = small_fec(dense=dense)
+    model = tiny_fec(**UNEVEN, dense=dense).eval()
     x = torch.randn(1, 3, 64, 64)
     out, _, feats = trace_clusters(model, x)
     with torch.no_grad():
@@ -119,7 +117,7 @@ def test_trace_clusters_returns_the_forward_output_and_the_stage_outputs(dense):
 
 
 def test_encode_clusters_rejects_pool_records_and_vice_versa():
-    model = small_fec()
+    model = tiny_fec(**UNEVEN).eval()
     _, records = model.forward_with_clusters(torch.randn(1, 3, 64, 64))
     enc = next(r for r in records if r.kind == "encode")
     pool = next(r for r in records if r.kind == "pool")
@@ -188,13 +186,11 @@ def test_emergent_segmentation_beats_both_baselines():
     train, val = TensorImageDataset(x[:2000], y[:2000], SHAPE_CLASSES), TensorImageDataset(x[2000:], y[2000:],
                                                                                            SHAPE_CLASSES)
 
-    def tiny():  # wider than the unit tests' FEC: the chapter's model
-        return tiny_model(layer_scale=None, embed_dims=(16, 32, 64, 96), mlp_ratios=(4, 4, 4, 4), heads=(2, 2, 4, 4),
-                          head_dim=(8, 8, 16, 16), num_classes=4)
-
-    result = fit(TrainConfig(dataset="shapes", epochs=8, threads=1, seed=0), model=tiny(), train_set=train,
-                 val_set=val, progress=False)
-    untrained = tiny()
+    chapter = dict(layer_scale=None, embed_dims=(16, 32, 64, 96), mlp_ratios=(4, 4, 4, 4), heads=(2, 2, 4, 4),
+                   head_dim=(8, 8, 16, 16))  # wider than the unit tests' FEC: the chapter's model
+    result = fit(TrainConfig(dataset="shapes", epochs=8, threads=1, seed=0), model=tiny_fec(**chapter),
+                 train_set=train, val_set=val, progress=False)
+    untrained = tiny_fec(**chapter)
     xt, _, mt = make_shapes(200, 64, seed=1000, contrast="texture")
     table = evaluate_segmentation({
         "trained": segment_foreground(result.model, xt, stage=1),

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import fec_core
-from conftest import assert_paths_agree, tiny_model
+from conftest import assert_paths_agree, tiny_fec
 from fec_core import FEC
 from fec_core.costs import count_macs
 
@@ -63,14 +63,14 @@ def test_forward_with_clusters_records():
 
 
 def test_bad_inputs_raise_clear_errors():
-    m = tiny_model(proposal=(2, 2, 2, 1))
+    m = tiny_fec(proposal=(2, 2, 2, 1))
     with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
         m(torch.randn(3, 64, 64))
     with pytest.raises(ValueError, match="input channels"):
         m(torch.randn(1, 4, 64, 64))
     with pytest.raises(ValueError, match="stages.1.downsample.*fold 1x1"):
         m(torch.randn(1, 3, 36, 64))  # 9x16 map before the first pooling: odd
-    folded = tiny_model(proposal=(2, 2, 2, 1), fold=(2, 2, 1, 1))
+    folded = tiny_fec(proposal=(2, 2, 2, 1), fold=(2, 2, 1, 1))
     with pytest.raises(ValueError, match="stages.0.blocks.0.token_mixer.*5x16.*fold 2x2"):
         folded(torch.randn(1, 3, 20, 64))
     with pytest.raises(ValueError, match="stages.1.downsample.*6x16.*fold 2x2.*even"):
@@ -80,9 +80,9 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_any_valid_size_works_including_non_square():
-    m = tiny_model(proposal=(2, 2, 2, 1)).eval()
+    m = tiny_fec(proposal=(2, 2, 2, 1)).eval()
     for size in [(32, 32), (64, 96), (160, 32), (33, 35)]:  # 33 -> stem floors to 8 like the official code
-        assert m(torch.randn(1, 3, *size)).shape == (1, 7)
+        assert m(torch.randn(1, 3, *size)).shape == (1, 4)
 
 
 @pytest.mark.parametrize("name,params_mib,macs_g", [("fec_small", 5.46, 1.355), ("fec_base", 14.39, 3.335),
@@ -113,7 +113,7 @@ def test_records_hold_the_assignment_of_every_image_head_and_region(literal):
     fold regions (``[B, heads, fold_w, fold_h, w, h]`` for encode layers, ``[B, fold_w, fold_h,
     w, h]`` for pooling), recomputed per image, head and region with plain PyTorch, on a
     non-square input and with a negative ``sim_alpha``."""
-    model = tiny_model(proposal=((2, 3), (2, 2), (2, 2), (1, 1)), fold=(2, 2, 1, 1), literal=literal).double()
+    model = tiny_fec(proposal=((2, 3), (2, 2), (2, 2), (1, 1)), fold=(2, 2, 1, 1), literal=literal).double()
     model.eval()
     mixer = model.stages[0].blocks[0].token_mixer
     d = mixer.head_dim
@@ -155,7 +155,7 @@ def test_records_hold_the_assignment_of_every_image_head_and_region(literal):
 def test_literal_and_fast_models_agree(kw, size):
     """Outputs, gradients of the input and of every parameter, and every layer's assignment,
     with fold regions, dense outputs and a non-square input."""
-    m = tiny_model(**kw)
+    m = tiny_fec(**kw)
     x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(3))
     g = assert_paths_agree(m, x, atol=2e-5)
     assert len(g) > 20
@@ -169,7 +169,7 @@ def test_literal_and_fast_models_agree(kw, size):
 
 
 def test_bf16_autocast_paths_agree_closely():
-    m = tiny_model().eval()
+    m = tiny_fec().eval()
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = m.set_literal(False)(x)
@@ -183,7 +183,7 @@ def test_bf16_autocast_paths_agree_closely():
 
 # ----------------------------------------------------------------------------- bad inputs (issue 14)
 def test_bad_image_batches_get_clear_errors():
-    m = timm.create_model("fec_tiny").eval()
+    m = tiny_fec().eval()
     with pytest.raises(TypeError, match="floating-point image batch, got torch.uint8"):
         m(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
     with pytest.raises(TypeError, match="input is torch.float64 but the model's weights are torch.float32"):
@@ -195,7 +195,7 @@ def test_bad_image_batches_get_clear_errors():
 
 
 def test_bad_classifier_resets_are_named():
-    m = timm.create_model("fec_tiny")
+    m = tiny_fec()
     with pytest.raises(ValueError, match="num_classes must be an int >= 0.*-1"):
         m.reset_classifier(-1)
     with pytest.raises(ValueError, match="global_pool"):

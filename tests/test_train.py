@@ -189,7 +189,11 @@ def test_ddp_two_processes_on_cpu_end_with_identical_weights(tmp_path):
     h = r0["history"][0]
     for key in ("train_loss", "val_loss", "val_acc", "lr"):  # reduced over both ranks
         assert h[key] == r1["history"][0][key]
-    assert math.isfinite(h["train_loss"]) and 0 <= h["val_acc"] <= 1
+    # the validation shards of both ranks make up the whole validation set
+    model = tiny_fec()
+    model.load_state_dict(r0["state"])
+    ref = evaluate(model.eval(), shapes_sets(32, 16)[1])
+    assert h["val_loss"] == pytest.approx(ref["loss"], rel=1e-4) and abs(h["val_acc"] - ref["acc"]) <= 1 / 16
     # the official way (conv_f trainable, DDP(find_unused_parameters=True)) trains the same weights
     u0, u1 = (torch.load(tmp_path / f"unused{r}.pt", weights_only=True) for r in (0, 1))
     assert states_equal(u0["state"], u1["state"]) and states_equal(u0["state"], r0["state"])
@@ -307,10 +311,18 @@ def test_metrics_are_correct():
     assert torch.allclose(iou[:3], torch.tensor([0.5, 2 / 3, 0.5], dtype=torch.float64)) and math.isnan(iou[3])
     r = miou.compute()
     assert r["miou"] == pytest.approx((0.5 + 2 / 3 + 0.5) / 3) and r["pixel_acc"] == pytest.approx(5 / 7)
-    model = tiny_fec()
+    # evaluate's defaults: cross-entropy and accuracy, means per sample over uneven batches
+    model = tiny_fec().eval()
     _, val = shapes_sets(16, 16)
-    r = evaluate(model, val)
-    assert set(r) == {"loss", "acc"} and 0 <= r["acc"] <= 1
+    r = evaluate(model, val, batch_size=5)  # batches of 5, 5, 5 and 1
+    correct, loss = 0, 0.0
+    with torch.no_grad():
+        for x, y in torch.utils.data.DataLoader(val, batch_size=5):
+            logits = model(x)
+            correct += int((logits.argmax(1) == y).sum())
+            loss += float(nn.functional.cross_entropy(logits, y)) * len(y)
+    assert set(r) == {"loss", "acc"}
+    assert r["acc"] == correct / 16 and r["loss"] == pytest.approx(loss / 16, rel=1e-6)
 
 
 def test_plot_history(tmp_path):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import tiny_fec
 from fec_core.interpret import merge_regions, trace_clusters
 from fec_core.visualize import match_labels, select_layers
 
@@ -34,7 +34,7 @@ def test_plot_layers_one_panel_per_layer(tmp_path):
     matplotlib.use("Agg")
     from fec_core.visualize import plot_layers, save_figure
 
-    model = tiny_model(num_classes=4).eval()
+    model = tiny_fec().eval()
     x = torch.rand(1, 3, 64, 64)
     _, maps, feats = trace_clusters(model, x)
     shown = select_layers(maps, "all")
