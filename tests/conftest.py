@@ -86,6 +86,10 @@ def tiny_fec(layer_scale=0.5, **kw):
     return FEC(**args)
 
 
+#: Uneven folds and center grids for :func:`tiny_fec`: everything that could confuse a layout.
+UNEVEN = dict(proposal=((2, 3), (2, 2), (1, 2), (1, 1)), fold=((2, 1), (1, 2), (2, 2), (1, 1)))
+
+
 def _run_path(module, x, literal):
     """Output and gradients (input and every parameter) of ``module`` on one path."""
     for m in module.modules():

@@ -4,16 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_fec
+from conftest import UNEVEN, tiny_fec
 from fec_core import clustering as cl
 from fec_core.foreground import (border_share, evaluate_segmentation, foreground_from_regions, foreground_iou,
                                  kmeans_foreground, patch_oracle, segment_foreground)
 from fec_core.interpret import encode_clusters, merge_regions, pool_parents, stem_points, trace_clusters
-from fec_core.visualize import select_layers
 
 
-#: Uneven folds and center grids for the tests' FEC: everything that could confuse the layout.
-UNEVEN = dict(proposal=((2, 3), (2, 2), (1, 2), (1, 1)), fold=((2, 1), (1, 2), (2, 2), (1, 1)))
 
 
 def test_stem_points_cover_every_pixel_including_leftovers():
@@ -95,12 +92,6 @@ def test_trace_gives_nested_label_maps_at_image_resolution():
     # stage 2: fold (2, 2) regions with a (1, 2) center grid each
     enc = [m for m in maps if m.kind == "encode" and m.stage == 2 and m.head == 0][0]
     assert enc.num_clusters == 2 * 2 * 2
-    # heads, selection
-    assert len(select_layers(maps, "pool")) == 4
-    assert len(select_layers(maps, "encode", head=None)) == 8 and len(select_layers(maps, "encode")) == 4
-    assert [m.name for m in select_layers(maps, "0,-1")] == ["stem", "stages.3.blocks.0.token_mixer"]
-    with pytest.raises(ValueError, match="unknown layer"):
-        select_layers(maps, "stages.9")
 
 
 @pytest.mark.parametrize("dense", [False, True])

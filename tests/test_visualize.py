@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_fec
+from conftest import UNEVEN, tiny_fec
 from fec_core.interpret import merge_regions, trace_clusters
 from fec_core.visualize import match_labels, select_layers
 
@@ -26,6 +26,20 @@ def test_paint_mean_colors_and_matching():
         paint(img, labels[:2])
     ref = np.array([[0, 0, 1, 1]])
     assert match_labels(np.array([[5, 5, 3, 3]]), ref).tolist() == [[0, 0, 1, 1]]
+
+
+def test_select_layers_by_kind_position_and_name():
+    """The maps to draw (``--layers``): the pooling hierarchy, the encode layers (one head or
+    all), positions and names; an unknown layer is named in the error."""
+    _, maps, _ = trace_clusters(tiny_fec(**UNEVEN).eval(), torch.randn(1, 3, 128, 192))
+    assert [m.kind for m in select_layers(maps, "pool")] == ["stem", "pool", "pool", "pool"]
+    assert len(select_layers(maps, "encode", head=None)) == 8 and len(select_layers(maps, "encode")) == 4
+    assert [m.name for m in select_layers(maps, "0,-1")] == ["stem", "stages.3.blocks.0.token_mixer"]
+    assert select_layers(maps, "stages.1.downsample")[0].title == "pool 1 (16x24)"
+    with pytest.raises(ValueError, match="unknown layer"):
+        select_layers(maps, "stages.9")
+    with pytest.raises(ValueError, match="layer 9 does not exist"):
+        select_layers(maps, "9")
 
 
 def test_plot_layers_one_panel_per_layer(tmp_path):
