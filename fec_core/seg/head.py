@@ -39,9 +39,10 @@ class SemanticFPN(nn.Module):
        (nearest) and adds it; a 3x3 conv smooths each level.
     2. **Semantic branch**: each level goes through ``max(1, log2(s_i / s_0))`` steps of
        3x3 conv + GroupNorm + ReLU (+ 2x bilinear upsampling) until it reaches the finest
-       stride (4 for FEC); the levels are fused by a sum. GroupNorm (8 groups; 1 if the width is not a multiple of 8) where the
-       official config (``segmentation/configs/_base_/models/fpn_r50.py``, ``norm_cfg``)
-       uses SyncBN: its statistics do not depend on the batch, which is small on a CPU.
+       stride (4 for FEC); the levels are fused by a sum. The norm is GroupNorm (8 groups;
+       1 if the width is not a multiple of 8) where the official config
+       (``segmentation/configs/_base_/models/fpn_r50.py``, ``norm_cfg``) uses SyncBN:
+       GroupNorm's statistics do not depend on the batch, which is small on a CPU.
     3. **Classifier**: dropout and a 1x1 conv to ``num_classes`` logits at the finest stride.
 
     Args:
