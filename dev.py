@@ -4,11 +4,15 @@
     python3 dev.py book   # set up .venv, execute every chapter, build the site (_build/html)
     python3 dev.py test   # set up .venv, unit tests, every notebook once (alone, outputs compared), site
     python3 dev.py test --cpu-compat   # the same (without the site) on another CPU code path
+    python3 dev.py book --cpu-compat   # the chapters on that code path, two at a time
+    python3 dev.py book --loaded       # any command while another program keeps one core busy
 
 ``--cpu-compat`` sets ``MKL_CBWR=COMPATIBLE`` (MKL's portable code path) and
 ``ATEN_CPU_CAPABILITY=default`` (PyTorch's non-vectorized kernels), the arithmetic a reader
 with another CPU may get; the tests check that the setting took
-(``torch.backends.cpu.get_cpu_capability() == 'DEFAULT'``). ``.ci/run`` runs both.
+(``torch.backends.cpu.get_cpu_capability() == 'DEFAULT'``). ``--loaded`` runs the command while a second process keeps one CPU core busy, the machine
+of a reader who has other work running: the chapters' live timings must pass there too.
+``.ci/run`` runs the book command and both test configurations.
 
 Both create ``.venv`` (``python3 -m venv``) and install ``fec_core`` with its ``book``
 and ``dev`` extras on first use, and again whenever ``pyproject.toml`` changes.
@@ -68,17 +72,38 @@ def ensure_browser() -> None:
         run(["bash", script])
 
 
+class _BusyCore:
+    """A process that keeps one CPU core busy while the command runs (``--loaded``)."""
+
+    def __enter__(self):
+        print("+ a second process keeps one core busy (--loaded)", flush=True)
+        self.proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.kill()
+        self.proc.wait()
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in ("book", "site", "test", "setup"):
         print(__doc__)
         return 2
     cmd, rest = argv[0], argv[1:]
+    if "--loaded" in rest:
+        rest.remove("--loaded")
+        with _BusyCore():
+            return main([cmd, *rest])
     ensure_venv()
     env = dict(os.environ, PYDEVD_DISABLE_FILE_VALIDATION="1")
     env.pop("MPLBACKEND", None)  # notebooks draw with the inline backend; a global Agg would drop their figures
     if cmd == "setup":
         return 0
+    compat = "--cpu-compat" in rest
+    if compat:
+        rest.remove("--cpu-compat")
+        env.update(CPU_COMPAT)
     if cmd == "book":
         return run([PY, "scripts/bookbuild.py", "build", "--execute", *rest], env=env)
     if cmd == "site":
@@ -87,9 +112,7 @@ def main(argv=None) -> int:
     if os.cpu_count() and os.cpu_count() > 1:  # one worker per core; the site's tests stay on one
         pytest += ["-n", str(min(os.cpu_count(), 4)), "--dist", "loadgroup"]
         env.setdefault("OMP_NUM_THREADS", "1")  # workers side by side, not threads fighting for cores
-    if "--cpu-compat" in rest:
-        rest.remove("--cpu-compat")
-        env.update(CPU_COMPAT)
+    if compat:
         pytest += ["-m", "not browser"]  # the site does not depend on the CPU's arithmetic
     else:
         ensure_browser()

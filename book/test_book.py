@@ -138,8 +138,10 @@ def test_first_code_cell_is_the_colab_install_cell(path):
     lines = cell.source.strip().splitlines()
     assert lines[0] == INSTALL_COMMENT, f"{path.name}: first code cell is not the Colab install cell:\n{cell.source}"
     assert 'find_spec("google.colab")' in cell.source, "the install must only run in Colab"
-    m = re.search(r'%pip install -q "fec-core(?:\[[a-z,]+\])? @ git\+(\S+?)@v([^"]+)"', cell.source)
-    assert m, f"{path.name}: no `%pip install -q \"fec-core @ git+URL@vVERSION\"` in the first code cell"
+    assert re.search(r'^    %pip install -q "fec-core(?:\[[a-z,]+\])? @ \{release\}"$', cell.source, re.M), \
+        f"{path.name}: no `%pip install -q \"fec-core @ {{release}}\"` in the first code cell"
+    m = re.search(r'^    release = "git\+(\S+?)@v([^"]+)"$', cell.source, re.M)
+    assert m, f"{path.name}: no `release = \"git+URL@vVERSION\"` in the first code cell"
     assert m.group(1) == _config()["repository"]["url"] + ".git", \
         f"{path.name} installs from {m.group(1)}, _config.yml says {_config()['repository']['url']}"
     assert m.group(2) == _version(), (f"{path.name} installs v{m.group(2)}, pyproject.toml is at "
@@ -305,8 +307,16 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    """Build the site from the stored outputs (warnings are errors) and serve it on 127.0.0.1."""
+    """Build the site from the stored outputs (warnings are errors) and serve it on 127.0.0.1.
+    With FEC_BOOK_HTML set (``.ci/run``, after ``python3 dev.py book``), serve that freshly
+    executed and built site instead of building another."""
     _ensure_browser()
+    built = os.environ.get("FEC_BOOK_HTML")
+    if built:
+        html = Path(built).resolve()
+        assert (html / "index.html").is_file(), f"FEC_BOOK_HTML={built} holds no index.html"
+        yield from _serve(html)
+        return
     out = tmp_path_factory.mktemp("site")
     env = dict(os.environ, PYDEVD_DISABLE_FILE_VALIDATION="1")
     cmd = [sys.executable, str(ROOT / "scripts" / "bookbuild.py"), "build", "--out", str(out)]
@@ -317,6 +327,10 @@ def site(tmp_path_factory):
         pytest.fail(f"the site build failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-6000:]}")
     html = out / "_build" / "html"
     assert (html / "index.html").is_file()
+    yield from _serve(html)
+
+
+def _serve(html: Path):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(html)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -540,7 +554,8 @@ def test_figures_are_light_and_wide_enough(path):
 # prints the reader's own number; an assert on a timing is a sanity bound `x > BOUNDS[k]`
 # (larger is better) or `x < BOUNDS[k]` (smaller is better) with at least 2x headroom to
 # WORST_MEASURED[k], the worst value measured on any machine and CPU configuration tried.
-TIMING_CALL = re.compile(r"perf_counter|process_time|time\.time\(|timeit|bench\.(run|main)\(")
+TIMING_CALL = re.compile(r"perf_counter|process_time|time\.time\(|timeit|bench\.(run|main)\(|"
+                         r"\bprofile\(|self_cpu_time")
 HEADROOM = 2.0
 
 

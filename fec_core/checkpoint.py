@@ -9,21 +9,32 @@ MMDetection checkpoint (``backbone.*`` next to ``neck.*``, ``decode_head.*``,
 maps the keys with :func:`fec_core.model.checkpoint_filter_fn` and refuses anything
 that does not fit, naming the missing keys, unexpected keys and shape mismatches.
 It loads into an :class:`~fec_core.FEC` or into timm's ``features_only`` wrapper of one.
+
+Files are read without running code (:func:`read_file`): ``.safetensors`` files (timm's and
+the Hub's format) hold tensors only; PyTorch files are unpickled with ``weights_only=True``,
+which builds tensors, numbers, strings and containers of them and nothing else, plus
+``argparse.Namespace`` (the ``args`` that timm's and the official ``train.py``'s
+``CheckpointSaver`` store). A file that needs any other class or function is refused with
+one line naming it; ``trust=True`` (or :func:`trusted`) loads it with full unpickling, which
+runs whatever code the file carries.
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
+import contextvars
 import os
 import re
 import warnings
-from typing import Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from .model import FEC, checkpoint_filter_fn
 
-__all__ = ["CheckpointError", "read_state_dict", "split_backbone", "load_checkpoint", "check_state_dict",
-           "raise_if_mismatch"]
+__all__ = ["CheckpointError", "read_file", "trusted", "SAFE_GLOBALS", "read_state_dict", "split_backbone",
+           "load_checkpoint", "check_state_dict", "raise_if_mismatch"]
 
 _HEAD = ("head.weight", "head.bias")
 
@@ -50,15 +61,122 @@ def split_backbone(state_dict: Mapping[str, torch.Tensor]) -> Tuple[Dict[str, to
     return kept, skipped
 
 
-def _read(source: Union[str, os.PathLike, Mapping], use_ema: bool) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+#: The classes a checkpoint may hold beyond tensors and plain values (``weights_only=True``'s
+#: own list): the ``args`` of timm's / the official ``train.py``'s ``CheckpointSaver``.
+#: MMSegmentation / MMDetection ``meta`` dicts and fec_core's own checkpoints need nothing more.
+SAFE_GLOBALS = (argparse.Namespace,)
+
+_TRUST = contextvars.ContextVar("fec_core_trust_checkpoints", default=False)
+
+
+@contextlib.contextmanager
+def trusted(enabled: bool = True) -> Iterator[None]:
+    """Within the block, a checkpoint file that needs more than :data:`SAFE_GLOBALS` is
+    unpickled in full (``weights_only=False``) instead of refused, with a warning naming what
+    it needed. Unpickling runs any code the file carries: only for files whose source you
+    trust. ``python -m fec_core.train`` / ``fec_core.visualize`` do this with
+    ``--trust-checkpoint``; :func:`load_checkpoint` and :func:`read_file` take ``trust=True``."""
+    token = _TRUST.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _TRUST.reset(token)
+
+
+def _is_safetensors(path: str) -> bool:
+    """A ``.safetensors`` file (by name, or by its header: 8 bytes of length, then ``{``)."""
+    if path.endswith(".safetensors"):
+        return True
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < os.path.getsize(path)
+
+
+def _first_sentence(e: BaseException) -> str:
+    """The first sentence of ``e``'s message, on one line (torch's run on for a paragraph)."""
+    return " ".join(str(e).split()).split(". ")[0].rstrip(".")
+
+
+def _reason(e: BaseException) -> str:
+    text = _first_sentence(e)
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _unsafe_globals(path: str, e: BaseException) -> List[str]:
+    """The globals a PyTorch file needs beyond the allowed ones (all of them when torch can
+    list them statically, else the one its error names)."""
+    with contextlib.suppress(Exception), _allowing_safe_globals():
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        if found:
+            return sorted(found)
+    return re.findall(r"GLOBAL ([\w.]+)", str(e))[:1]
+
+
+def _allowing_safe_globals():
+    """:data:`SAFE_GLOBALS` allowed for ``weights_only=True`` (in a block with torch >= 2.5, for
+    the process with 2.4; older versions allow no extra class)."""
+    if hasattr(torch.serialization, "safe_globals"):
+        return torch.serialization.safe_globals(list(SAFE_GLOBALS))
+    if hasattr(torch.serialization, "add_safe_globals"):
+        torch.serialization.add_safe_globals(list(SAFE_GLOBALS))
+    return contextlib.nullcontext()
+
+
+def read_file(path: Union[str, os.PathLike], trust: bool = False) -> Any:
+    """What a checkpoint file holds, read without running code.
+
+    ``.safetensors``: a dict of tensors (``safetensors.torch.load_file``). A PyTorch file:
+    ``torch.load(weights_only=True)`` allowing :data:`SAFE_GLOBALS`. A file that needs
+    anything else raises :class:`CheckpointError` naming it, unless ``trust`` (or inside
+    :func:`trusted`): then it is unpickled in full, which runs any code it carries, with a
+    warning. A missing file raises ``FileNotFoundError``, a broken one ``CheckpointError``.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"cannot read checkpoint {path}: the file is empty")
+    if _is_safetensors(path):
+        from safetensors.torch import load_file  # a dependency of timm
+
+        try:
+            return load_file(path, device="cpu")
+        except Exception as e:  # a bad header, truncated data, ...
+            raise CheckpointError(f"cannot read checkpoint {path}: it is corrupt or not a safetensors file "
+                                  f"({_first_sentence(e)})") from e
+    try:
+        with _allowing_safe_globals():
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        if "weights only load failed" not in str(e).lower():  # truncated, not a torch file, ...
+            raise CheckpointError(f"cannot read checkpoint {path}: it is corrupt, truncated or not a PyTorch file "
+                                  f"({_reason(e)})") from e
+        globals_, refusal = _unsafe_globals(path, e), e
+    needs = ", ".join(globals_) or "more than tensors and plain values"
+    if not (trust or _TRUST.get()):
+        if not globals_:
+            found = re.search(r"WeightsUnpickler error: ([^\n]*?)(?:\.\s|\n|$)", str(refusal))
+            what = f"more than tensors and plain values ({found.group(1) if found else _reason(refusal)})"
+        elif len(globals_) == 1:
+            what = f"{needs}, which is not a tensor, number, string or container of them"
+        else:
+            what = f"{needs}, which are not tensors, numbers, strings or containers of them"
+        raise CheckpointError(f"refusing to unpickle {path}: it needs {what}, and unpickling it could run code; "
+                              f"if you trust the file's source, load it with trust=True (Python) or "
+                              f"--trust-checkpoint (command line)")
+    warnings.warn(f"{path} needs {needs}: unpickled in full because it is trusted (this runs any code the "
+                  f"file carries)", stacklevel=2)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"cannot read checkpoint {path} ({_reason(e)})") from e
+
+
+def _read(source: Union[str, os.PathLike, Mapping], use_ema: bool,
+          trust: bool = False) -> Tuple[Dict[str, torch.Tensor], List[str]]:
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"checkpoint file not found: {path}")
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:  # truncated, not a torch file, ...
-            raise CheckpointError(f"cannot read checkpoint {path}: it is corrupt or not a PyTorch file ({e})") from e
+        obj = read_file(path, trust)
     else:
         obj, path = source, "<dict>"
     if not isinstance(obj, Mapping):
@@ -78,14 +196,16 @@ def _read(source: Union[str, os.PathLike, Mapping], use_ema: bool) -> Tuple[Dict
     return checkpoint_filter_fn(backbone), skipped
 
 
-def read_state_dict(source: Union[str, os.PathLike, Mapping], use_ema: bool = False) -> Dict[str, torch.Tensor]:
+def read_state_dict(source: Union[str, os.PathLike, Mapping], use_ema: bool = False,
+                    trust: bool = False) -> Dict[str, torch.Tensor]:
     """Read a checkpoint file (or dict) and return its state dict, prefixes stripped, keys mapped.
 
     Picks ``state_dict_ema`` when ``use_ema`` (and present), else ``model``, ``state_dict``,
     ``state_dict_ema``, else the dict itself. Of a full MMSeg / MMDet checkpoint only the
-    backbone is kept (:func:`split_backbone`; one warning names what was skipped).
+    backbone is kept (:func:`split_backbone`; one warning names what was skipped). A file is
+    read by :func:`read_file` (no code runs unless ``trust``).
     """
-    return _read(source, use_ema)[0]
+    return _read(source, use_ema, trust)[0]
 
 
 def _short(keys, n: int = 8) -> str:
@@ -180,17 +300,18 @@ def check_state_dict(model: FEC, state_dict: Dict[str, torch.Tensor]) -> Dict[st
 
 
 def load_checkpoint(model: nn.Module, source: Union[str, os.PathLike, Mapping], use_ema: bool = False,
-                    report: bool = False):
+                    report: bool = False, trust: bool = False):
     """Load an official (or fec_core) checkpoint into ``model``; see :func:`check_state_dict`.
 
     ``model``: an :class:`~fec_core.FEC` or timm's ``features_only`` wrapper of one.
-    ``source``: a path or an already loaded dict; a full MMSegmentation / MMDetection
-    checkpoint gives its backbone (:func:`split_backbone`, one warning names the skipped
-    prefixes). Returns ``model``, or with ``report=True`` ``(model, skipped)``, ``skipped``
-    the sorted non-backbone prefixes left out (``[]`` for a backbone-only checkpoint).
+    ``source``: a path (a PyTorch file or ``.safetensors``, read by :func:`read_file`: no code
+    runs unless ``trust=True``) or an already loaded dict; a full MMSegmentation /
+    MMDetection checkpoint gives its backbone (:func:`split_backbone`, one warning names the
+    skipped prefixes). Returns ``model``, or with ``report=True`` ``(model, skipped)``,
+    ``skipped`` the sorted non-backbone prefixes left out (``[]`` for a backbone-only one).
     """
     fec = _unwrap(model)
-    sd, skipped = _read(source, use_ema)
+    sd, skipped = _read(source, use_ema, trust)
     sd = check_state_dict(fec, sd)
     fec.load_state_dict(sd, strict=False)
     return (model, skipped) if report else model

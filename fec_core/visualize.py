@@ -38,6 +38,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .cliutil import DEBUG_HELP, one_line, print_error
 from .interpret import LayerMap, match_labels
 
 __all__ = ["PALETTE", "mean_colors", "palette_colors", "boundaries", "paint", "plot_layers", "plot_regions",
@@ -382,6 +383,10 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"refuse inputs whose forward pass needs more than this many billion multiply-accumulates "
                         f"(default {MAX_GMACS:g}: seconds to a minute on a CPU)")
     p.add_argument("--force", action="store_true", help="go ahead above --max-gmacs")
+    p.add_argument("--trust-checkpoint", dest="trust_checkpoint", action="store_true",
+                   help="unpickle --checkpoint in full even when it holds more than tensors and plain values; this "
+                        "runs any code the file carries: only for a file from a source you trust")
+    p.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     return p
 
 
@@ -444,18 +449,21 @@ def _check_cost(model, name: str, h: int, w: int, args) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``python -m fec_core.visualize`` / ``fec-visualize``; returns the exit code
-    (0 done, 2 a clear one-line error, 130 interrupted). Every argument, the output path and
-    the cost of the input are checked before the long work starts."""
+    (0 done, 2 a clear one-line error, its traceback only with ``--debug`` or ``FEC_DEBUG=1``;
+    130 interrupted). Every argument, the output path and the cost of the input are checked
+    before the long work starts. ``--checkpoint`` is read without running code
+    (:func:`fec_core.checkpoint.read_file`) unless ``--trust-checkpoint``."""
     args = _parser().parse_args(argv)
-    from .checkpoint import CheckpointError
+    from .checkpoint import CheckpointError, trusted
 
     try:
-        return _run(args)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: {args.output} was not written", file=sys.stderr)
+        with trusted(args.trust_checkpoint):
+            return _run(args)
+    except KeyboardInterrupt as e:
+        print_error(f"interrupted: {args.output} was not written", e, args.debug, lead="\n")
         return 130
     except (FileNotFoundError, IsADirectoryError, ValueError, CheckpointError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(f"error: {one_line(e)}", e, args.debug)
         return 2
 
 

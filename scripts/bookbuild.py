@@ -196,7 +196,9 @@ def execute_all(notebooks: List[Path], workers: int | None = None) -> List[str]:
     return failures
 
 
-INSTALL_LINE = re.compile(r'(%pip install -q "fec-core(?:\[[a-z,]+\])? @ git\+)[^"]*(")')
+#: The Colab install cell names the release once: ``release = "git+<url>.git@v<version>"``,
+#: then ``%pip install -q "fec-core @ {release}"`` (IPython expands ``{release}``).
+RELEASE_LINE = re.compile(r'(release = "git\+)[^"]*(")')
 
 
 def release() -> tuple:
@@ -218,7 +220,7 @@ def pin(notebooks: Iterable[Path]) -> None:
     for path in notebooks:
         nb = nbformat.read(path, as_version=4)
         cell = next(c for c in nb.cells if c.cell_type == "code")
-        new = INSTALL_LINE.sub(lambda m: f"{m.group(1)}{url}.git@v{version}{m.group(2)}", cell.source)
+        new = RELEASE_LINE.sub(lambda m: f"{m.group(1)}{url}.git@v{version}{m.group(2)}", cell.source)
         if new != cell.source:
             cell.source = new
             nbformat.write(nb, path)

@@ -1,5 +1,6 @@
 """Kill a training run right before or right after each of its file writes, resume it, and
-check that its files end as an uninterrupted run's (used by test_reliability.py).
+check that its files end as an uninterrupted run's (used by test_reliability.py). The files
+are read back with ``weights_only=True``: a run's checkpoints hold plain types only.
 
 Run as ``python kill_driver.py WORKDIR [fresh|resumed]``; prints one JSON line per kill
 point. Every run is a forked child that sends itself SIGKILL (a real kill: no cleanup, no
@@ -13,6 +14,7 @@ import sys
 import traceback
 
 import torch
+from safetensors.torch import load_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import shapes_sets, tiny_cfg, tiny_fec  # noqa: E402
@@ -64,7 +66,7 @@ def run(out, data, kill=None):
                 os.replace = replace
             latest = os.path.join(out, "latest.pt")
             resume = out if os.path.exists(latest) else None
-            first = torch.load(latest, weights_only=False)["epoch"] + 1 if resume else 1
+            first = torch.load(latest, weights_only=True)["epoch"] + 1 if resume else 1
             fit(tiny_cfg(out, epochs=EPOCHS, batch_size=8, resume=resume), model=tiny_fec(), train_set=data[0],
                 val_set=data[1], metric=Scripted(first), progress=False)
             code = 0
@@ -78,7 +80,7 @@ def run(out, data, kill=None):
 def summary(out):
     """Everything that must match an uninterrupted run (timings and paths left out)."""
     def ckpt(name):
-        c = torch.load(os.path.join(out, name), weights_only=False)
+        c = torch.load(os.path.join(out, name), weights_only=True)
         hist = [{k: v for k, v in h.items() if k not in TIMING} for h in c["history"]]
         return c["epoch"], c["best_epoch"], c["best_metric"], hist, c["model"]
     with open(os.path.join(out, "metrics.jsonl")) as f:
@@ -86,11 +88,12 @@ def summary(out):
     with open(os.path.join(out, "config.json")) as f:
         config = {k: v for k, v in json.load(f).items() if k not in ("output_dir", "resume")}
     leftovers = sorted(n for n in os.listdir(out) if n.endswith(".tmp"))
-    return ckpt("latest.pt"), ckpt("best.pt"), log, config, leftovers
+    tensors = load_file(os.path.join(out, "best.safetensors"))
+    return ckpt("latest.pt"), ckpt("best.pt"), log, config, leftovers, tensors
 
 
 def same(a, b):
-    (la, ba, loga, ca, ta), (lb, bb, logb, cb, tb) = a, b
+    (la, ba, loga, ca, ta, sa), (lb, bb, logb, cb, tb, sb) = a, b
     def ck(x, y):
         return x[:4] == y[:4] and x[4].keys() == y[4].keys() and all(torch.equal(x[4][k], y[4][k]) for k in x[4])
     problems = []
@@ -104,6 +107,8 @@ def same(a, b):
         problems.append("config.json differs")
     if ta:
         problems.append(f"left over: {ta}")
+    if sa.keys() != sb.keys() or not all(torch.equal(sa[k], sb[k]) for k in sa):
+        problems.append("best.safetensors differs")
     return problems
 
 
@@ -117,7 +122,7 @@ def main(work, scenario):
     if scenario == "resumed":  # kills during a resumed run: start from a run killed after epoch 1
         base = os.path.join(work, "base")
         assert os.WIFSIGNALED(run(base, data, (4, "after")))  # config, latest, best, metrics: epoch 1 done
-        assert torch.load(os.path.join(base, "latest.pt"), weights_only=False)["epoch"] == 1
+        assert torch.load(os.path.join(base, "latest.pt"), weights_only=True)["epoch"] == 1
     for phase in ("before", "after"):
         for k in range(1, 50):
             out = os.path.join(work, f"{phase}{k}")

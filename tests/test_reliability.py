@@ -1,5 +1,6 @@
-"""Nothing lost, nothing silent (issue 14): training files under kills, interrupts, full and
-read-only disks; resume with a changed schedule; every bad CLI value a one-line answer.
+"""Nothing lost, nothing silent (issues 14, 22): training files under kills, interrupts, SIGTERM
+(alone and under torchrun), full and read-only disks; resume with a changed schedule; every bad
+CLI value or file a one-line answer (the traceback only with --debug / FEC_DEBUG=1).
 
 The command-line trials run as subprocesses, as a user would run them. The full disk and the
 read-only folder are real small tmpfs mounts where this process may mount (root on Linux);
@@ -9,6 +10,7 @@ import contextlib
 import errno
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -19,8 +21,10 @@ import time
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from fec_core.train import SaveError, TrainConfig, fit, main
+from fec_core.train.runfiles import Terminated
 
 from conftest import shapes_sets, tiny_cfg, tiny_fec, write_png
 
@@ -82,10 +86,11 @@ def _kill_trials(work, scenario):
 @pytest.mark.slow
 def test_sigkill_before_or_after_every_write_then_resume_ends_as_an_uninterrupted_run(fast_dir):
     """A 3-epoch run (epochs 1 and 2 improve, 3 does not) SIGKILLed right before and right
-    after each of its 10 file renames, then resumed: latest.pt, best.pt, metrics.jsonl and
-    config.json equal an uninterrupted run's (weights bit for bit), no *.tmp is left."""
+    after each of its 11 file renames, then resumed: latest.pt, best.pt, metrics.jsonl,
+    config.json and best.safetensors equal an uninterrupted run's (weights bit for bit), no
+    *.tmp is left."""
     trials = _kill_trials(fast_dir, "fresh")
-    assert len(trials) == 20, [t["write"] for t in trials]
+    assert len(trials) == 22, [t["write"] for t in trials]
     assert [t for t in trials if t["problems"]] == []
     # the kill the issue describes was among them: best.pt behind latest.pt
     assert any("best.pt.tmp" in t["after_kill"] for t in trials)
@@ -93,9 +98,10 @@ def test_sigkill_before_or_after_every_write_then_resume_ends_as_an_uninterrupte
 
 @pytest.mark.slow
 def test_sigkill_at_every_write_of_a_resumed_run(fast_dir):
-    """The same for the writes of a resumed run (its log and config rewrite, epochs 2 and 3)."""
+    """The same for the writes of a resumed run (its log and config rewrite, epochs 2 and 3,
+    best.safetensors)."""
     trials = _kill_trials(fast_dir, "resumed")
-    assert len(trials) == 14 and [t for t in trials if t["problems"]] == []
+    assert len(trials) == 16 and [t for t in trials if t["problems"]] == []
 
 
 def test_best_behind_latest_is_repaired_on_resume(tmp_path, capsys):
@@ -103,13 +109,13 @@ def test_best_behind_latest_is_repaired_on_resume(tmp_path, capsys):
     restores best.pt from latest.pt and says so."""
     train, val = shapes_sets(32, 16)
     fit(tiny_cfg(tmp_path, epochs=1), model=tiny_fec(), train_set=train, val_set=val, progress=False)
-    ck = torch.load(tmp_path / "latest.pt", weights_only=False)
+    ck = torch.load(tmp_path / "latest.pt", weights_only=True)
     stale = dict(ck, epoch=0, model={k: torch.zeros_like(v) for k, v in ck["model"].items()})
     torch.save(stale, tmp_path / "best.pt")
     fit(tiny_cfg(tmp_path, epochs=1, resume=str(tmp_path)), model=tiny_fec(), train_set=train, val_set=val,
         progress=False)
     assert "restored it from latest.pt" in capsys.readouterr().out
-    best = torch.load(tmp_path / "best.pt", weights_only=False)
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
     assert best["epoch"] == 1 and all(torch.equal(best["model"][k], ck["model"][k]) for k in ck["model"])
 
 
@@ -136,11 +142,11 @@ def test_ctrl_c_says_how_to_resume_and_the_resume_extends_the_schedule(tmp_path)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     assert no_traceback(err) and f"continue with: python -m fec_core.train --resume {out}" in err
-    done = torch.load(out / "latest.pt", weights_only=False)["epoch"]
+    done = torch.load(out / "latest.pt", weights_only=True)["epoch"]
     code, stdout, err = cli("fec_core.train", "--resume", str(out), "--epochs", str(done + 1), "--no-progress")
     assert code == 0, err[-2000:]
     assert f"schedule is re-planned (epochs 500 -> {done + 1})" in stdout
-    ck = torch.load(out / "latest.pt", weights_only=False)
+    ck = torch.load(out / "latest.pt", weights_only=True)
     assert ck["epoch"] == done + 1 and json.loads((out / "config.json").read_text())["epochs"] == done + 1
 
 
@@ -181,6 +187,227 @@ def test_an_interrupt_hidden_by_torch_save_stays_an_interrupt(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         _write_atomic(str(tmp_path / "x.pt"), masked)
     assert os.listdir(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- SIGTERM
+def _send_sigterm_if_caught(times=1):
+    """SIGTERM to this process, only when fec_core has its handler in place (else the signal
+    would end the whole test session instead of failing this test)."""
+    assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL, "SIGTERM is not handled here"
+    for _ in range(times):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _sigterm_is_default():
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        pytest.skip("SIGTERM has a handler in this process (it would not be fec_core's to catch)")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM to this process is POSIX")
+def test_sigterm_during_a_checkpoint_write_lets_the_write_finish(tmp_path):
+    """SIGTERM as Ctrl-C: the file being written is completed, then Terminated (a
+    KeyboardInterrupt) is raised; the handler is Python's default again afterwards."""
+    from fec_core.train.runfiles import _write_atomic, atomic_save
+
+    _sigterm_is_default()
+    state = {"w": torch.arange(100_000.0)}
+
+    def terminated_save(f, times):
+        _send_sigterm_if_caught(times)
+        torch.save(state, f)
+
+    with pytest.raises(Terminated):
+        _write_atomic(str(tmp_path / "one.pt"), lambda f: terminated_save(f, 1))
+    assert torch.equal(torch.load(tmp_path / "one.pt", weights_only=True)["w"], state["w"])
+    # a second SIGTERM stops at once: the previous version stays, no partial file
+    atomic_save({"old": 1}, str(tmp_path / "two.pt"))
+    with pytest.raises(Terminated):
+        _write_atomic(str(tmp_path / "two.pt"), lambda f: terminated_save(f, 2))
+    assert torch.load(tmp_path / "two.pt", weights_only=True) == {"old": 1}
+    assert sorted(os.listdir(tmp_path)) == ["one.pt", "two.pt"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and issubclass(Terminated, KeyboardInterrupt)
+
+
+class SignallingDataset(torch.utils.data.Dataset):
+    """Sends this process SIGTERM when item ``at`` is read: a kill in the middle of an epoch."""
+
+    def __init__(self, base, at):
+        self.base, self.at, self.calls, self.classes = base, at, 0, base.classes
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        self.calls += 1
+        if self.calls == self.at:
+            _send_sigterm_if_caught()
+        return self.base[i]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM to this process is POSIX")
+def test_sigterm_in_the_middle_of_an_epoch_stops_fit_and_keeps_the_last_epoch(tmp_path):
+    _sigterm_is_default()
+    train, val = shapes_sets(32, 16)
+    with pytest.raises(Terminated):
+        fit(tiny_cfg(tmp_path, epochs=3), model=tiny_fec(), train_set=SignallingDataset(train, 32 + 20),
+            val_set=val, progress=False)
+    assert torch.load(tmp_path / "latest.pt", weights_only=True)["epoch"] == 1
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def _run_until_first_epoch(cmd, out, env=ENV):
+    """Start ``cmd``, wait until epoch 1 is saved and logged, then half an epoch more."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    deadline = time.time() + 240
+    log = out / "metrics.jsonl"
+    while not ((out / "latest.pt").exists() and log.exists() and log.read_text().strip()):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.1)
+    time.sleep(0.5 * json.loads(log.read_text().splitlines()[0])["epoch_time_s"])
+    return proc
+
+
+def _resume_command(err):
+    """The command the interrupted run printed, as argv for this Python."""
+    cmd = shlex.split(err.split("continue with: ")[1].strip())
+    if cmd[0] == "python":
+        return [sys.executable, *cmd[1:]]
+    assert cmd[0] == "torchrun"
+    return [sys.executable, "-m", "torch.distributed.run", *cmd[1:]]
+
+
+def _same_run(a, b):
+    """Two run folders hold the same final weights, best weights and log (timings left out)."""
+    ca, cb = (torch.load(d / "latest.pt", weights_only=True) for d in (a, b))
+    assert ca["epoch"] == cb["epoch"] and ca["model"].keys() == cb["model"].keys()
+    assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
+    untimed = [[{k: v for k, v in h.items() if k not in ("images_per_s", "epoch_time_s")} for h in c["history"]]
+               for c in (ca, cb)]
+    assert untimed[0] == untimed[1]
+    sa, sb = (load_file(d / "best.safetensors") for d in (a, b))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+DIGITS = ["--dataset", "digits", "--epochs", "3", "--no-progress"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM to a child process is POSIX")
+def test_sigterm_mid_epoch_says_where_and_the_printed_command_continues_exactly(tmp_path):
+    """kill -TERM (what SLURM, Kubernetes and timeout send) in the middle of epoch 2 of a CLI
+    run on the digits: exit 143, one line with the epoch and the exact resume command, no
+    traceback; running that command ends with the weights and log of an uninterrupted run."""
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    code, _, err = cli("fec_core.train", *DIGITS, "--output-dir", str(ref))
+    assert code == 0, err[-2000:]
+    proc = _run_until_first_epoch([sys.executable, "-m", "fec_core.train", *DIGITS, "--output-dir", str(out)], out)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and no_traceback(err), err[-2000:]
+    saved = torch.load(out / "latest.pt", weights_only=True)["epoch"]
+    assert 1 <= saved < 3
+    line = err.strip()
+    assert "\n" not in line and line.startswith(f"interrupted by SIGTERM during epoch {saved + 1}: ")
+    assert f"epoch {saved} is the last one saved, in {out / 'latest.pt'}; continue with: python -m " \
+           f"fec_core.train --resume {out}" in line
+    resumed = subprocess.run(_resume_command(err), capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "re-planned" not in resumed.stdout
+    _same_run(ref, out)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform == "win32" or not torch.distributed.is_available(), reason="POSIX, gloo")
+def test_sigterm_to_torchrun_stops_every_rank_and_rank_0_says_how_to_resume(tmp_path):
+    """Two gloo processes on the CPU under torchrun; SIGTERM to torchrun (it forwards it to
+    every rank, as at a SLURM or Kubernetes stop) in the middle of epoch 2: torchrun exits
+    non-zero after both ranks stopped, the interruption line comes once (rank 0) with the
+    torchrun command, no traceback from fec_core; that command ends as an uninterrupted
+    two-process run, bit for bit."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                "fec_core.train", *DIGITS, "--device", "cpu"]
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    done = subprocess.run([*torchrun, "--output-dir", str(ref)], capture_output=True, text=True, env=ENV, cwd=ROOT,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    proc = _run_until_first_epoch([*torchrun, "--output-dir", str(out)], out)
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and time.time() - t0 < 25  # both ranks stopped (torchrun waits up to 30 s)
+    lines = [l for l in err.splitlines() if l.startswith("interrupted")]
+    saved = torch.load(out / "latest.pt", weights_only=True)["epoch"]
+    assert lines == [f"interrupted by SIGTERM during epoch {saved + 1}: epoch {saved} is the last one saved, in "
+                     f"{out / 'latest.pt'}; continue with: torchrun --standalone --nproc_per_node=2 -m "
+                     f"fec_core.train --resume {out}"], err[-3000:]
+    assert "fec_core" not in err.replace(lines[0], "").replace("-m fec_core.train", ""), err[-3000:]
+    resumed = subprocess.run(_resume_command(lines[0]), capture_output=True, text=True, env=ENV, cwd=ROOT,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _same_run(ref, out)
+
+
+# ----------------------------------------------------------------------------- bad files: one line
+def _one_line(err):
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    return err
+
+
+def test_bad_checkpoint_files_are_one_line_for_every_cli(tmp_path, capsys, monkeypatch):
+    """A truncated latest.pt, another model's weights and a file that is not a training
+    checkpoint, given to --resume; a truncated and a mismatched --checkpoint given to
+    visualize; a broken --merge file given to bench: exit 2 and exactly one line. With
+    --debug (or FEC_DEBUG=1) the traceback comes first."""
+    from fec_core.bench import main as bench
+    from fec_core.visualize import main as visualize
+
+    run = tmp_path / "run"
+    assert main([*TINY, "--epochs", "1", "--output-dir", str(run)]) == 0
+    capsys.readouterr()
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes((run / "latest.pt").read_bytes()[:100_000])
+    assert main(["--resume", str(cut)]) == 2
+    err = _one_line(capsys.readouterr().err)
+    assert f"cannot read checkpoint {cut}: it is corrupt, truncated or not a PyTorch file" in err
+    assert main(["--resume", str(run / "best.pt"), "--model", "fec_small", "--no-progress"]) == 2
+    err = _one_line(capsys.readouterr().err)
+    assert "does not fit this model: it was saved for fec_tiny" in err and "shape mismatches" in err
+    torch.save(torch.load(run / "best.pt", weights_only=True)["model"], tmp_path / "weights.pt")
+    assert main(["--resume", str(tmp_path / "weights.pt")]) == 2
+    assert "use --pretrained" in _one_line(capsys.readouterr().err)
+    photo = tmp_path / "photo.png"
+    write_png(photo, size=64)
+    for ckpt, expected in ((cut, "corrupt, truncated"), (run / "best.pt", "does not fit fec_small")):
+        assert visualize([str(photo), "--checkpoint", str(ckpt), "-o", str(tmp_path / "o.png")]) == 2
+        assert expected in _one_line(capsys.readouterr().err)
+    (tmp_path / "bench.json").write_text("{not json")
+    assert bench(["--merge", str(tmp_path / "bench.json"), "--out-dir", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot read it as a bench.json" in err and "Traceback" not in err
+    # the traceback on request
+    assert main(["--resume", str(cut), "--debug"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback") and err.splitlines()[-1].startswith("error: cannot read checkpoint")
+    monkeypatch.setenv("FEC_DEBUG", "1")
+    assert visualize([str(photo), "--checkpoint", str(cut), "-o", str(tmp_path / "o.png")]) == 2
+    assert capsys.readouterr().err.startswith("Traceback")
+    assert bench(["--merge", str(tmp_path / "bench.json"), "--out-dir", str(tmp_path / "b")]) == 2
+    assert capsys.readouterr().err.startswith("Traceback")
+
+
+@pytest.mark.slow
+def test_truncated_checkpoint_given_to_the_train_command_is_one_line(tmp_path):
+    """The issue's trial, as a user runs it: python -m fec_core.train --resume cut.pt."""
+    run = tmp_path / "run"
+    code, _, err = cli("fec_core.train", *TINY, "--epochs", "1", "--output-dir", str(run))
+    assert code == 0, err[-2000:]
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes((run / "latest.pt").read_bytes()[:100_000])
+    code, out, err = cli("fec_core.train", "--resume", str(cut))
+    assert code == 2 and out == "" and err == f"error: cannot read checkpoint {cut}: it is corrupt, truncated or " \
+        f"not a PyTorch file (RuntimeError: PytorchStreamReader failed reading zip archive: failed finding " \
+        f"central directory)\n", err
 
 
 # ----------------------------------------------------------------------------- resume and schedule
@@ -289,7 +516,8 @@ def test_failed_save_simulated(tmp_path, monkeypatch, failure):
             progress=False)
     monkeypatch.setattr(torch, "save", real)
     assert (tmp_path / "latest.pt").read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "config.json", "latest.pt", "metrics.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "best.safetensors", "config.json", "latest.pt",
+                                                          "metrics.jsonl"]
 
 
 def test_output_under_a_file_is_refused_before_any_training(tmp_path):

@@ -100,7 +100,7 @@ def test_resume_continues_exactly(tmp_path):
     with pytest.raises(RuntimeError, match="simulated crash"):
         fit(tiny_cfg(run, **kw), model=tiny_fec(drop_path_rate=0.1), train_set=CrashingDataset(train, 48 + 20),
             val_set=val, progress=False)
-    saved = torch.load(run / "latest.pt", weights_only=False)
+    saved = torch.load(run / "latest.pt", weights_only=True)
     assert saved["epoch"] == 1 and len(read_history(run)) == 1
     resumed = fit(tiny_cfg(run, resume=str(run), **kw), model=tiny_fec(drop_path_rate=0.1), train_set=train,
                   val_set=val, progress=False)
@@ -111,7 +111,7 @@ def test_resume_continues_exactly(tmp_path):
     assert states_equal(full.model.state_dict(), resumed.model.state_dict())
     assert states_equal(full.ema_model.state_dict(), resumed.ema_model.state_dict())
     assert [json.loads(l)["epoch"] for l in open(run / "metrics.jsonl")] == [1, 2]
-    ck = torch.load(run / "latest.pt", weights_only=False)
+    ck = torch.load(run / "latest.pt", weights_only=True)
     assert {"model", "optimizer", "scheduler", "scaler", "state_dict_ema", "epoch", "config"} <= set(ck)
     assert ck["epoch"] == 2 and ck["config"]["mixup"] == 0.8
 
@@ -177,7 +177,7 @@ def test_ddp_two_processes_on_cpu_end_with_identical_weights(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    r0, r1 = (torch.load(tmp_path / f"frozen{r}.pt", weights_only=False) for r in (0, 1))
+    r0, r1 = (torch.load(tmp_path / f"frozen{r}.pt", weights_only=True) for r in (0, 1))
     assert states_equal(r0["state"], r1["state"])
     init = tiny_fec().state_dict()
     assert not torch.equal(r0["state"]["stem.proj.weight"], init["stem.proj.weight"])  # it trained
@@ -187,7 +187,7 @@ def test_ddp_two_processes_on_cpu_end_with_identical_weights(tmp_path):
         assert h[key] == r1["history"][0][key]
     assert math.isfinite(h["train_loss"]) and 0 <= h["val_acc"] <= 1
     # the official way (conv_f trainable, DDP(find_unused_parameters=True)) trains the same weights
-    u0, u1 = (torch.load(tmp_path / f"unused{r}.pt", weights_only=False) for r in (0, 1))
+    u0, u1 = (torch.load(tmp_path / f"unused{r}.pt", weights_only=True) for r in (0, 1))
     assert states_equal(u0["state"], u1["state"]) and states_equal(u0["state"], r0["state"])
 
 

@@ -47,11 +47,11 @@ The parts: :mod:`~fec_core.bench.settings` (what to measure, checked first),
 :mod:`~fec_core.bench.cli`. Every public name is importable from ``fec_core.bench``.
 """
 from .cli import main, run_cli
-from .measure import device_name, literal_dense_bytes, peak_cpu_bytes
+from .measure import device_name, literal_dense_bytes, peak_cpu_bytes, quiet_native_stderr
 from .official import load_official
 from .report import combine_rounds, merge_reports, plot, to_markdown
 from .runner import run
 from .settings import DTYPES, MODES, PATHS, BenchConfig, Result, check_config
 
 __all__ = ["BenchConfig", "Result", "run", "run_cli", "device_name", "peak_cpu_bytes", "literal_dense_bytes",
-           "load_official", "merge_reports", "combine_rounds", "to_markdown", "plot", "main"]
+           "quiet_native_stderr", "load_official", "merge_reports", "combine_rounds", "to_markdown", "plot", "main"]

@@ -10,6 +10,7 @@ from typing import List, Optional
 
 import torch
 
+from ..cliutil import DEBUG_HELP, debugging, one_line, print_error
 from .measure import device_name
 from .report import merge_reports, plot, to_markdown
 from .runner import run
@@ -56,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     return p
 
 
@@ -141,14 +143,17 @@ def run_cli(argv: Optional[List[str]] = None) -> dict:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``python -m fec_core.bench`` and ``fec-bench``; see :func:`run_cli`.
-    A setting that cannot work ends with one line on stderr and exit status 2; Ctrl-C
-    with exit status 130."""
+    A setting that cannot work, or a file that cannot be read or written, ends with one line
+    on stderr (its traceback too with ``--debug`` or ``FEC_DEBUG=1``) and exit status 2;
+    Ctrl-C with exit status 130. ``--official FILE`` imports that Python file: it runs it."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    debug = debugging("--debug" in args)
     try:
-        run_cli(argv)
-    except ValueError as err:
-        print(f"python -m fec_core.bench: error: {err}", file=sys.stderr)
+        run_cli(args)
+    except (ValueError, OSError) as err:
+        print_error(f"python -m fec_core.bench: error: {one_line(err)}", err, debug)
         return 2
-    except KeyboardInterrupt:
-        print("python -m fec_core.bench: interrupted (nothing written)", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        print_error("python -m fec_core.bench: interrupted (nothing written)", err, debug)
         return 130
     return 0

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from .settings import DTYPES
 
-__all__ = ["device_name", "peak_cpu_bytes", "literal_dense_bytes"]
+__all__ = ["device_name", "peak_cpu_bytes", "literal_dense_bytes", "quiet_native_stderr"]
 
 
 def device_name(device: torch.device) -> str:
@@ -35,7 +35,7 @@ def device_name(device: torch.device) -> str:
 
 
 @contextlib.contextmanager
-def _quiet_native_stderr():
+def quiet_native_stderr():
     """Silence what native code writes to file descriptor 2 (the profiler's own log lines)."""
     try:
         sys.stderr.flush()
@@ -58,7 +58,7 @@ def peak_cpu_bytes(fn: Callable[[], object]) -> Optional[int]:
     (The profiler's log lines on stderr are silenced while it runs.)"""
     from torch.profiler import ProfilerActivity, profile
     try:
-        with _quiet_native_stderr(), warnings.catch_warnings():
+        with quiet_native_stderr(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
                 fn()
@@ -150,7 +150,7 @@ def _profile_table(fn: Callable[[], None], device: torch.device, rows: int = 25)
     """The ``rows`` most expensive operators of one step, by device (or CPU) time."""
     from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with _quiet_native_stderr(), warnings.catch_warnings():
+    with quiet_native_stderr(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with profile(activities=acts) as prof:
             fn()

@@ -28,10 +28,11 @@ the best checkpoint, higher is better) or a plain function ``fn(output, target) 
 averaged over samples. :class:`Accuracy` and :class:`MeanIoU` are provided.
 
 What ``fit`` writes to ``output_dir`` (``None``: nothing): ``latest.pt`` and ``best.pt`` (model,
-optimizer, scheduler, grad scaler, EMA, epoch, config, history), ``metrics.jsonl`` (one JSON
-line per epoch) and ``config.json``. A directory that already holds a run is refused unless
-it is resumed. Nothing is lost whatever instant the run is killed at (tested by a SIGKILL
-before and after every write):
+optimizer, scheduler, grad scaler, EMA, epoch, config, history; plain types only, read back
+with ``weights_only=True``), ``metrics.jsonl`` (one JSON line per epoch), ``config.json``, and
+when the run ends ``best.safetensors`` (best.pt's weights: the EMA's if kept). A directory
+that already holds a run is refused unless it is resumed. Nothing is lost whatever instant
+the run is killed at (tested by a SIGKILL before and after every write):
 
 * the folder is created and ``config.json`` written *before* training, so a folder under a
   file, without permission or on a read-only disk is reported at once (and little free
@@ -52,7 +53,7 @@ field and what it accepts; settings that are almost surely mistakes warn.
 Command line (``python -m fec_core.train --help``)::
 
     python -m fec_core.train --dataset digits                     # CPU, a few minutes
-    python -m fec_core.train --resume runs/digits-fec_tiny-...    # continue that run (also after Ctrl-C)
+    python -m fec_core.train --resume runs/digits-fec_tiny-...    # continue (also after Ctrl-C or SIGTERM)
     python -m fec_core.train --dataset digits --evaluate --resume runs/digits-fec_tiny-.../best.pt
     torchrun --nproc_per_node=8 -m fec_core.train --data-dir /data/imagenet --model fec_small
 

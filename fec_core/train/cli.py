@@ -1,11 +1,14 @@
 """``python -m fec_core.train`` (chapter 10): every option, and a one-line answer for every
-value that cannot work (exit 2), Ctrl-C with the command that continues the run (exit 130)."""
+value or file that cannot work (exit 2; the traceback with ``--debug`` or ``FEC_DEBUG=1``),
+Ctrl-C (exit 130) and SIGTERM (exit 143) with the epoch reached and the command that
+continues the run."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
 import os
+import shlex
 import sys
 import time
 import warnings
@@ -14,13 +17,14 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from ..cliutil import DEBUG_HELP, one_line, print_error
 from .build import build_datasets, build_model
 from .config import PRESETS, TrainConfig
 from .curves import plot_history
 from .distributed import Shard, amp_dtype_for, init_distributed, resolve_device
 from .evaluation import evaluate
 from .loop import fit
-from .runfiles import SaveError, load_model_state, read_training_checkpoint
+from .runfiles import SAFETENSORS, SaveError, Terminated, load_model_state, read_training_checkpoint, saved_epoch
 
 __all__ = ["main"]
 
@@ -77,6 +81,10 @@ def _parser() -> argparse.ArgumentParser:
     a("--find-unused-parameters", dest="find_unused_parameters", action="store_true")
     a("--evaluate", action="store_true", help="only evaluate (weights from --resume or --pretrained)")
     a("--no-progress", dest="progress", action="store_false")
+    a("--trust-checkpoint", dest="trust_checkpoint", action="store_true",
+      help="unpickle --resume / --pretrained files in full even when they hold more than tensors and plain "
+           "values; this runs any code the file carries: only for files from a source you trust")
+    a("--debug", action="store_true", help=DEBUG_HELP)
     return p
 
 
@@ -107,12 +115,39 @@ def _run_folder(cfg: Optional[TrainConfig]) -> Optional[str]:
     return None
 
 
+def _resume_command(out: str) -> str:
+    """The command that continues the run in ``out`` (with torchrun when launched by it)."""
+    rest = f"-m fec_core.train --resume {shlex.quote(out)}"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return f"python {rest}"
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if local >= world:  # one machine
+        return f"torchrun --standalone --nproc_per_node={local} {rest}"
+    return f"torchrun --nnodes={world // local} --nproc_per_node={local} <your rendezvous options> {rest}"
+
+
 def _resume_hint(cfg: Optional[TrainConfig]) -> str:
     out = _run_folder(cfg)
-    if out and os.path.isfile(os.path.join(out, "latest.pt")):
-        return (f"the last completed epoch is saved in {os.path.join(out, 'latest.pt')}; continue with: "
-                f"python -m fec_core.train --resume {out}")
+    latest = os.path.join(out, "latest.pt") if out else None
+    if latest and os.path.isfile(latest):
+        epoch = saved_epoch(latest)
+        saved = f"epoch {epoch} is the last one saved" if epoch else "the last completed epoch is saved"
+        return f"{saved}, in {latest}; continue with: {_resume_command(out)}"
     return "no epoch had completed, so nothing was saved"
+
+
+def _interrupted(cfg: Optional[TrainConfig], e: KeyboardInterrupt, evaluate_only: bool) -> str:
+    how = "by SIGTERM" if isinstance(e, Terminated) else "(Ctrl-C)"
+    out = None if evaluate_only else _run_folder(cfg)
+    epoch = saved_epoch(os.path.join(out, "latest.pt")) if out else None
+    if epoch is None:
+        return f"interrupted {how}: {'nothing to save' if evaluate_only else _resume_hint(cfg)}"
+    return f"interrupted {how} during epoch {epoch + 1}: {_resume_hint(cfg)}"
+
+
+def _rank0() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _print_warning(message, category, filename, lineno, file=None, line=None):
@@ -122,18 +157,24 @@ def _print_warning(message, category, filename, lineno, file=None, line=None):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``python -m fec_core.train`` (and ``fec-train``).
 
-    Exit codes: 0 done, 2 a clear error (bad value, missing file, failed save, diverged
-    training, out of memory; one line, no traceback), 130 interrupted (Ctrl-C; the line says
-    how to resume)."""
+    Exit codes: 0 done, 2 a clear error (bad value, missing, broken or refused file, failed
+    save, diverged training, out of memory; one line, no traceback unless ``--debug`` or
+    ``FEC_DEBUG=1``), 130 interrupted by Ctrl-C, 143 by SIGTERM (one line, from rank 0 under
+    torchrun, says the epoch and how to resume). Files given to ``--resume`` / ``--pretrained``
+    are read without running code (:func:`fec_core.checkpoint.read_file`) unless
+    ``--trust-checkpoint``."""
+    from ..checkpoint import trusted
+
     p = _parser()
     ns = vars(p.parse_args(argv))
     evaluate_only, progress = ns.get("evaluate", False), ns.get("progress", True)
-    with warnings.catch_warnings():
+    debug, trust = ns.pop("debug", False), ns.pop("trust_checkpoint", False)
+    with warnings.catch_warnings(), trusted(trust):
         warnings.showwarning = _print_warning
-        return _main(ns, evaluate_only, progress)
+        return _main(ns, evaluate_only, progress, debug)
 
 
-def _main(ns: Dict[str, Any], evaluate_only: bool, progress: bool) -> int:
+def _main(ns: Dict[str, Any], evaluate_only: bool, progress: bool, debug: bool = False) -> int:
     from ..checkpoint import CheckpointError
 
     cfg = None
@@ -144,22 +185,23 @@ def _main(ns: Dict[str, Any], evaluate_only: bool, progress: bool) -> int:
         if cfg.output_dir is None and cfg.resume is None:
             cfg.output_dir = os.path.join("runs", f"{cfg.dataset}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}")
         result = fit(cfg, progress=progress)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: {_resume_hint(cfg)}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated)
+        if _rank0():
+            print_error(_interrupted(cfg, e, evaluate_only), e, debug, lead="\n")
+        return 143 if isinstance(e, Terminated) else 130
     except (FloatingPointError, SaveError, torch.OutOfMemoryError) as e:
         advice = "; lower --batch-size" if isinstance(e, torch.OutOfMemoryError) else ""
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {first}{advice}\n{_resume_hint(cfg)}", file=sys.stderr)
+        print_error(f"error: {first}{advice}; {_resume_hint(cfg)}", e, debug)
+        return 2
+    except (ValueError, FileNotFoundError, FileExistsError, CheckpointError, OSError) as e:
+        print_error(f"error: {one_line(e)}", e, debug)
         return 2
     except (RuntimeError, MemoryError) as e:
         if not isinstance(e, MemoryError) and "not enough memory" not in str(e) and "out of memory" not in str(e):
             raise  # a bug: keep its traceback
-        print(f"error: out of memory ({str(e).strip().splitlines()[0][-120:]}); lower --batch-size or --img-size"
-              f"\n{_resume_hint(cfg)}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError, FileExistsError, CheckpointError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(f"error: out of memory ({str(e).strip().splitlines()[0][-120:]}); lower --batch-size or "
+                    f"--img-size; {_resume_hint(cfg)}", e, debug)
         return 2
     if result.output_dir and (not dist.is_initialized()) and int(os.environ.get("RANK", "0")) == 0:
         try:
@@ -172,8 +214,9 @@ def _main(ns: Dict[str, Any], evaluate_only: bool, progress: bool) -> int:
             curves = f" (no curves.png: {e})"
         last = result.history[-1] if result.history else {}
         print(f"final: " + ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k != "epoch"))
-        print(f"saved in {result.output_dir}: latest.pt, best.pt (epoch {result.best_epoch}), metrics.jsonl, "
-              f"config.json{curves}")
+        weights = os.path.exists(os.path.join(result.output_dir, SAFETENSORS))
+        print(f"saved in {result.output_dir}: latest.pt, best.pt (epoch {result.best_epoch})"
+              f"{f', {SAFETENSORS} (its weights)' if weights else ''}, metrics.jsonl, config.json{curves}")
     return 0
 
 

@@ -26,8 +26,9 @@ from .config import BUILTIN_DATASETS, TrainConfig
 from .distributed import Dist, Shard, all_ok, amp_dtype_for, epoch_seed, init_distributed, print0, resolve_device, seed_all
 from .evaluation import FitResult, evaluate, output_classes
 from .metrics import IGNORE_INDEX, Accuracy, MeanIoU, Metric, as_metric, is_per_pixel
-from .runfiles import (SaveError, atomic_save, atomic_write_text, checkpoint_bytes, load_model_state, prepare_output,
-                       read_training_checkpoint, repair_best, warn_if_little_space)
+from .runfiles import (SAFETENSORS, SaveError, atomic_save, atomic_write_text, checkpoint_bytes, load_model_state,
+                       prepare_output, read_training_checkpoint, repair_best, stop_on_signals, warn_if_little_space,
+                       write_safetensors)
 
 __all__ = ["fit"]
 
@@ -73,6 +74,7 @@ class _Run:
     metrics_path: Optional[str] = None
 
 
+@stop_on_signals()
 def fit(cfg: TrainConfig, model: Optional[nn.Module] = None, train_set=None, val_set=None,
         loss_fn: Optional[Callable] = None, metric=None, progress: bool = True) -> FitResult:
     """Train with ``cfg`` (chapter 10); see :mod:`fec_core.train` for the recipe and the files.
@@ -87,7 +89,9 @@ def fit(cfg: TrainConfig, model: Optional[nn.Module] = None, train_set=None, val
     :class:`Metric`, a function ``(output, target) -> float``, or ``None`` (:class:`Accuracy`,
     or :class:`MeanIoU` for per-pixel targets). ``progress``: tqdm bars and a line per epoch.
 
-    Runs under ``torchrun`` unchanged (DDP; rank 0 writes the files).
+    Runs under ``torchrun`` unchanged (DDP; rank 0 writes the files). Ctrl-C raises
+    ``KeyboardInterrupt`` and SIGTERM :class:`~fec_core.train.runfiles.Terminated` (on every
+    rank), after the file being written is complete: the epoch in progress is all that is lost.
     Returns a :class:`FitResult`.
     """
     d = init_distributed(cfg.device)
@@ -110,6 +114,7 @@ def fit(cfg: TrainConfig, model: Optional[nn.Module] = None, train_set=None, val
             _print_plan(run)
         for epoch in range(run.start_epoch, run.total_epochs):
             _run_epoch(run, epoch, progress)
+        _save_safetensors(run)
         if progress and d.main and run.best_metric is not None:
             print0(f"best val {run.metric.name} {run.best_metric:.4f} (epoch {run.best_epoch})"
                    + (f"; run folder: {run.folder}" if run.folder else ""))
@@ -427,6 +432,19 @@ def _save_epoch(run: _Run, epoch: int, improved: bool) -> None:
             failure = e
     if not all_ok(failure is None, run.d, run.device):
         raise failure if failure is not None else SaveError(f"rank 0 could not save epoch {epoch + 1}")
+
+
+def _save_safetensors(run: _Run) -> None:
+    """``best.safetensors`` from ``best.pt`` when the run ends (again on every resume, so a kill
+    before it is written is repaired); a failure stops every rank."""
+    failure = None
+    if run.folder is not None and run.d.main and os.path.exists(run.best):
+        try:
+            write_safetensors(run.best, os.path.join(run.folder, SAFETENSORS))
+        except SaveError as e:
+            failure = e
+    if not all_ok(failure is None, run.d, run.device):
+        raise failure if failure is not None else SaveError(f"rank 0 could not write {SAFETENSORS}")
 
 
 def _jsonl(history: List[Dict[str, float]]) -> str:

@@ -1,12 +1,18 @@
 """The files of a run (chapter 10): ``latest.pt``, ``best.pt``, ``metrics.jsonl``,
-``config.json``, written so that nothing is lost whatever instant the run is killed at.
+``config.json``, written so that nothing is lost whatever instant the run is killed at, and
+``best.safetensors`` (best.pt's weights) when the run ends.
 
 Every file goes through ``name.tmp``, fsync and a rename (:func:`atomic_save`); a failed write
 raises :class:`SaveError` (which file, why: disk full, permission, read-only) and keeps the
 previous version. ``latest.pt`` is written before ``best.pt``; :func:`repair_best` restores a
 ``best.pt`` that a kill between the two left behind. Not ``timm.utils.CheckpointSaver``: it
 keeps a top-k of files named by epoch and writes with ``torch.save`` to the final directory
-entry, with no repair of a pair that a kill left inconsistent."""
+entry, with no repair of a pair that a kill left inconsistent.
+
+Checkpoints hold plain types only (tensors, numbers, strings, lists, dicts), so they are read
+back with ``weights_only=True`` (:func:`fec_core.checkpoint.read_file`). Ctrl-C (SIGINT) and
+SIGTERM (SLURM, Kubernetes, ``timeout``) stop a run the same way (:func:`stop_on_signals`): a
+file being written is completed first, then ``KeyboardInterrupt`` / :class:`Terminated`."""
 from __future__ import annotations
 
 import contextlib
@@ -23,9 +29,9 @@ import torch.nn as nn
 
 from .distributed import print0
 
-__all__ = ["SaveError", "RUN_FILES", "atomic_save", "atomic_write_text", "atomic_copy", "prepare_output",
-           "checkpoint_bytes", "warn_if_little_space", "repair_best", "checkpoint_path", "read_training_checkpoint",
-           "load_model_state"]
+__all__ = ["SaveError", "Terminated", "RUN_FILES", "SAFETENSORS", "atomic_save", "atomic_write_text", "atomic_copy",
+           "prepare_output", "checkpoint_bytes", "warn_if_little_space", "repair_best", "checkpoint_path",
+           "read_training_checkpoint", "load_model_state", "saved_epoch", "write_safetensors", "stop_on_signals"]
 
 class SaveError(OSError):
     """A run file could not be written (disk full, no permission, ...). The message says which
@@ -65,11 +71,12 @@ def _write_atomic(path: str, write: Callable[[Any], None]) -> None:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-    except BaseException as e:  # a second Ctrl-C in the middle of a write: no partial file stays
+    except BaseException as e:  # a second Ctrl-C / SIGTERM in the middle of a write: no partial file stays
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        if _caused_by(e, KeyboardInterrupt):  # torch.save can mask it with a RuntimeError
-            raise KeyboardInterrupt from None
+        stop = _caused_by(e, KeyboardInterrupt)  # torch.save can mask it with a RuntimeError
+        if stop is not None:
+            raise type(stop)() from None
         cause = _os_error(e)
         if cause is not None:
             kept = "the previous version is kept" if os.path.exists(path) else "nothing was written"
@@ -79,29 +86,84 @@ def _write_atomic(path: str, write: Callable[[Any], None]) -> None:
         raise
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived (what SLURM, Kubernetes, ``timeout`` and ``kill`` send): the run stops
+    as at Ctrl-C. A ``KeyboardInterrupt``, so that whatever handles Ctrl-C handles it too."""
+
+
+_STOPS = {signal.SIGINT: KeyboardInterrupt, signal.SIGTERM: Terminated}
+_DEFAULTS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+
+
+class _Signals:
+    writing = False  # a run file is being written: a first signal waits for it
+    held: list = []  # the signal that waits
+    received: list = []  # every stop signal since stop_on_signals began
+
+
+def _on_stop_signal(signum, frame):
+    _Signals.received.append(signum)
+    if _Signals.writing and not _Signals.held:
+        _Signals.held.append(signum)
+        return
+    raise _STOPS[signum]()
+
+
+@contextlib.contextmanager
+def _stop_handlers():
+    """Route SIGINT and SIGTERM to :func:`_on_stop_signal` where they have Python's default
+    handler (a handler the user installed is left alone); yields whether any is routed. Only
+    in the main thread, where Python delivers signals."""
+    saved = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum, default in _DEFAULTS.items():
+            current = signal.getsignal(signum)
+            if current is default or current is _on_stop_signal:
+                saved[signum] = current
+                signal.signal(signum, _on_stop_signal)
+    try:
+        yield bool(saved)
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+
+
 @contextlib.contextmanager
 def _ctrl_c_after_write():
-    """Hold a first Ctrl-C (SIGINT) until the file is complete, then raise
-    ``KeyboardInterrupt``: the run stops with the checkpoint it was writing. A second
-    Ctrl-C interrupts at once. Only in the main thread (where Python delivers signals)."""
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        yield
-        return
-    held = []
-
-    def hold(signum, frame):
+    """Hold a first Ctrl-C (SIGINT) or SIGTERM until the file is complete, then raise
+    ``KeyboardInterrupt`` / :class:`Terminated`: the run stops with the checkpoint it was
+    writing. A second signal interrupts at once."""
+    with _stop_handlers() as active:
+        if not active:
+            yield
+            return
+        _Signals.writing, _Signals.held = True, []
+        try:
+            yield
+        finally:
+            _Signals.writing, held, _Signals.held = False, _Signals.held, []
         if held:
-            raise KeyboardInterrupt
-        held.append(signum)
+            raise _STOPS[held[0]]()
 
-    signal.signal(signal.SIGINT, hold)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    if held:
-        raise KeyboardInterrupt
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """For the length of a run (:func:`fit`): SIGTERM stops it as Ctrl-C does, raising
+    :class:`Terminated` (a first signal during a file write waits for the file). Under
+    ``torchrun`` every rank gets the signal; a rank whose collective broke because another
+    rank had already stopped also raises the stop, not the broken connection."""
+    with _stop_handlers():
+        _Signals.received = []
+        try:
+            yield
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:
+            if _Signals.received:
+                raise _STOPS[_Signals.received[0]]() from e
+            raise
+        finally:
+            _Signals.received = []
 
 
 def _caused_by(e: Optional[BaseException], kind: type) -> Optional[BaseException]:
@@ -135,7 +197,9 @@ def atomic_copy(src: str, dst: str) -> None:
     _write_atomic(dst, copy)
 
 
-RUN_FILES = ("latest.pt", "best.pt", "metrics.jsonl", "config.json")
+#: The weights of ``best.pt`` in timm's and the Hub's format, written when a run ends.
+SAFETENSORS = "best.safetensors"
+RUN_FILES = ("latest.pt", "best.pt", "metrics.jsonl", "config.json", SAFETENSORS)
 
 
 def prepare_output(out: str, config_text: str) -> None:
@@ -180,10 +244,10 @@ def warn_if_little_space(out: str, per_file: int, files: int) -> None:
                           f"choose another --output-dir", stacklevel=3)
 
 
-def _saved_epoch(path: str) -> Optional[int]:
+def saved_epoch(path: str) -> Optional[int]:
     """The ``epoch`` recorded in a training checkpoint, ``None`` if it is missing or unreadable."""
     try:
-        return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["epoch"])
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"])
     except Exception:
         return None
 
@@ -197,7 +261,7 @@ def repair_best(resume: Dict[str, Any], best: str) -> None:
     want, epoch = resume.get("best_epoch"), int(resume["epoch"])
     if want is None or os.path.abspath(resume["path"]) == os.path.abspath(best):
         return
-    have = _saved_epoch(best) if os.path.exists(best) else None
+    have = saved_epoch(best) if os.path.exists(best) else None
     if have == want:
         return
     if want == epoch:
@@ -222,13 +286,12 @@ def checkpoint_path(path: str) -> str:
 
 
 def read_training_checkpoint(path: str) -> Dict[str, Any]:
-    from ..checkpoint import CheckpointError
+    """A fec_core training checkpoint (``latest.pt`` / ``best.pt``, or a run folder), read
+    without running code (:func:`fec_core.checkpoint.read_file`)."""
+    from ..checkpoint import CheckpointError, read_file
 
     path = checkpoint_path(path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: it is corrupt or not a PyTorch file ({e})") from e
+    ckpt = read_file(path)
     if not isinstance(ckpt, dict) or "optimizer" not in ckpt or "config" not in ckpt:
         raise CheckpointError(f"{path} is not a fec_core training checkpoint (no optimizer/config state); "
                               f"to start from released weights use --pretrained {path}")
@@ -242,3 +305,22 @@ def load_model_state(model: nn.Module, state: Dict[str, torch.Tensor], source: s
 
     raise_if_mismatch(model.state_dict(), state, f"checkpoint {source} does not fit this model: it was saved for {saved_for}")
     model.load_state_dict(state)
+
+
+def write_safetensors(checkpoint: str, path: str) -> None:
+    """Write the weights of the training checkpoint ``checkpoint`` to ``path`` as safetensors
+    (timm's and the Hub's format: tensors only, nothing to unpickle): its EMA weights when
+    the run kept an EMA (they chose ``best.pt``), else its model's. The metadata records
+    which, the epoch, the model and the metric; :func:`fec_core.load_checkpoint` loads it."""
+    from safetensors.torch import save  # a dependency of timm
+
+    from ..checkpoint import read_file
+
+    ckpt = read_file(checkpoint)
+    ema = ckpt.get("state_dict_ema")
+    weights = ema if ema is not None else ckpt["model"]
+    meta = {"format": "pt", "weights": "ema" if ema is not None else "model", "epoch": str(ckpt.get("epoch")),
+            "model_name": str(ckpt.get("model_name")), "num_classes": str(ckpt.get("num_classes")),
+            "metric": f"{ckpt.get('metric_name')} {ckpt.get('best_metric')}", "source": os.path.basename(checkpoint)}
+    data = save({k: v.detach().clone().contiguous() for k, v in weights.items()}, metadata=meta)
+    _write_atomic(path, lambda f: f.write(data))
