@@ -345,17 +345,22 @@ def pool_key_centers(model: FEC, x: torch.Tensor, stage: int = -1) -> torch.Tens
 
 
 @torch.no_grad()
-def paper_regions(model: FEC, x: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
+def paper_regions(model: FEC, x: torch.Tensor, k: int, seed: int = 0,
+                  labels: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The paper's figures (official ``cluster_visualize.py``): every pixel's final
     (last pooling layer) cluster, and these clusters merged into ``k`` regions by k-means
     on their unnormalized key centers (:func:`pool_key_centers`), non-empty clusters
     only, one k-means start with ``random_state=seed`` (in float64; the official script
     passes float32). ``x`` ``[B, 3, H, W]`` ->
-    LongTensor ``[B, H, W]`` (values ``0..k-1``, numbered by decreasing area)."""
-    _, maps, _ = trace_clusters(model, x)
-    last = [m for m in maps if m.kind == "pool"][-1]
+    LongTensor ``[B, H, W]`` (values ``0..k-1``, numbered by decreasing area).
+    ``labels``: the last pooling layer's :attr:`LayerMap.labels` ``[B, H, W]`` when ``x``
+    was already traced (:func:`trace_clusters`; the command line does), which saves a
+    forward pass; by default they are traced here."""
+    if labels is None:
+        _, maps, _ = trace_clusters(model, x)
+        labels = [m for m in maps if m.kind == "pool"][-1].labels
     centers = pool_key_centers(model, x)
-    return merge_regions(centers, last.labels, k, seed=seed, normalize=False, n_init=1, nonempty=True)
+    return merge_regions(centers, labels, k, seed=seed, normalize=False, n_init=1, nonempty=True)
 
 
 def _by_area(labels: torch.Tensor, k: int) -> torch.Tensor:
