@@ -18,7 +18,7 @@ turns those records into **label maps at image resolution**:
 merges the final representatives into ``k`` regions with scikit-learn's k-means
 (:cite:`lloyd1982kmeans`) on their features; :func:`paper_regions` does it as the
 official ``cluster_visualize.py`` draws the paper's figures (key centers of the last
-pooling layer, non-empty clusters, unnormalized, one start).
+pooling layer as they are (not unit vectors), non-empty clusters, one start).
 
 What the regions are good for, an unsupervised foreground segmentation, its classical
 baseline and their evaluation, is :mod:`fec_core.foreground`, which builds on this module.
@@ -186,8 +186,8 @@ def trace_clusters(model: FEC, x: torch.Tensor, heads: Optional[Sequence[int]] =
 
     Returns ``(output, maps, stage_features)``: the model's output, the
     :class:`LayerMap` list of :func:`trace` and every stage's output features
-    ``[B, C_s, h_s, w_s]`` (the representatives, as updated by the stage's blocks:
-    :meth:`FEC.forward_intermediates`, per-stage normalized when the model is ``dense``;
+    ``[B, C_s, rows_s, cols_s]`` (the representatives, as updated by the stage's blocks:
+    :meth:`FEC.forward_intermediates`, through the per-stage GroupNorms when the model is ``dense``;
     ``stage_features[-1]`` are the final representatives that :func:`merge_regions` merges).
     """
     if not isinstance(model, FEC):
@@ -262,7 +262,7 @@ def pool_key_centers(model: FEC, x: torch.Tensor, stage: int = -1) -> torch.Tens
         raise ValueError(f"stage {stage}: the pooling layers are in stages 1..{len(pools)}")
     layer, seen = pools[idx], []
     # the layer's own input: the previous stage's raw output (forward_intermediates gives it
-    # normalized when the model is dense)
+    # through the per-stage GroupNorm when the model is dense)
     handle = layer.register_forward_hook(lambda m, i, o: seen.append(i[0]))
     try:
         model.check_input(x)
@@ -274,14 +274,19 @@ def pool_key_centers(model: FEC, x: torch.Tensor, stage: int = -1) -> torch.Tens
 
 
 @torch.no_grad()
-def paper_regions(model: FEC, x: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
+def paper_regions(model: FEC, x: torch.Tensor, k: int, seed: int = 0,
+                  labels: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The paper's figures (official ``cluster_visualize.py``): every pixel's final
     (last pooling layer) cluster, and these clusters merged into ``k`` regions by k-means
-    on their unnormalized key centers (:func:`pool_key_centers`), non-empty clusters
+    on their key centers as they are, not unit vectors (:func:`pool_key_centers`), non-empty clusters
     only, one k-means start with ``random_state=seed`` (in float64; the official script
     passes float32). ``x`` ``[B, 3, H, W]`` ->
-    LongTensor ``[B, H, W]`` (values ``0..k-1``, numbered by decreasing area)."""
-    _, maps, _ = trace_clusters(model, x)
-    last = [m for m in maps if m.kind == "pool"][-1]
+    LongTensor ``[B, H, W]`` (values ``0..k-1``, numbered by decreasing area).
+    ``labels``: the last pooling layer's :attr:`LayerMap.labels` ``[B, H, W]`` when ``x``
+    was already traced (:func:`trace_clusters`; the command line does), which saves a
+    forward pass; by default they are traced here."""
+    if labels is None:
+        _, maps, _ = trace_clusters(model, x)
+        labels = [m for m in maps if m.kind == "pool"][-1].labels
     centers = pool_key_centers(model, x)
-    return merge_regions(centers, last.labels, k, seed=seed, unit=False, n_init=1, nonempty=True)
+    return merge_regions(centers, labels, k, seed=seed, unit=False, n_init=1, nonempty=True)

@@ -167,7 +167,9 @@ class ClusterPool(AssignmentRecorder, nn.Module):
     stride-2 convolution as skip connection, GroupNorm on the representatives.
     [B, in_dim, W, H] -> [B, out_dim, W/2, H/2]. ``conv_f`` only feeds the argmax and
     therefore never receives a gradient. ``last_index``: ``[B, fold_w, fold_h, w, h]``
-    (``w x h``: one fold region's rows and columns).
+    (``w x h``: one fold region's rows and columns). Algorithm S1 of the supplement prints the
+    output as ``R + res_conn``, without a normalization; this layer follows the official code
+    (``models/fec.py``, ``identity + self.norm2(out)``), which applies the GroupNorm.
     """
 
     kind = "pool"

@@ -465,7 +465,8 @@ def fec_small(pretrained: bool = False, **kwargs) -> FEC:
 
 @register_model
 def fec_base(pretrained: bool = False, **kwargs) -> FEC:
-    """FEC-Base: 14.4M parameters (15,086,848), 3.4 GMACs at 224x224."""
+    """FEC-Base: 14.4M parameters (15,086,848), 3.335 GMACs at 224x224 (fec_core.costs);
+    the paper rounds the official fvcore count, 3.350 GMACs, to 3.4."""
     return _create_fec("fec_base", pretrained, **kwargs)
 
 

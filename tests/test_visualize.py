@@ -105,3 +105,47 @@ def test_cli_clear_errors(tmp_path, capsys):
     assert rc == 0 and "loaded" in text and (tmp_path / "t.png").exists()
     rc, text = _cli([img, "--model", "resnet50"], capsys)
     assert rc == 2 and "unknown model" in text
+
+
+def test_cli_merges_as_the_official_script_unless_asked(tmp_path, capsys, monkeypatch):
+    """The merge panel is the official cluster_visualize.py procedure (paper_regions) by
+    default, this library's variant (merge_regions on the last stage's features) with
+    --regions features: each is what the library function gives on the same input."""
+    import fec_core
+    import fec_core.visualize.cli as V
+    from PIL import Image
+
+    from fec_core.data import normalize
+    from fec_core.interpret import paper_regions
+
+    img = tmp_path / "photo.png"
+    Image.fromarray((np.random.default_rng(1).random((64, 96, 3)) * 255).astype(np.uint8)).save(img)
+    drawn = []
+    real = V.plot_layers
+    monkeypatch.setattr(V, "plot_layers", lambda x_img, shown, regions, **kw:
+                        drawn.append((x_img, regions)) or real(x_img, shown, regions, **kw))
+    texts = {}
+    for choice in ("default", "paper", "features"):
+        flag = [] if choice == "default" else ["--regions", choice]
+        rc, texts[choice] = _cli([img, "--model", "fec_tiny", "--size", "128", "--clusters", "3", "--seed", "1",
+                                  *flag, "-o", tmp_path / f"{choice}.png"], capsys)
+        assert rc == 0, texts[choice]
+    assert "(paper merge)" in texts["default"] and "(features merge)" in texts["features"]
+    x_img = drawn[0][0]
+    assert all(np.array_equal(x_img, d[0]) for d in drawn)
+    torch.manual_seed(1)  # the CLI's random weights: --seed 1
+    model = fec_core.create_model("fec_tiny").eval()
+    x = normalize(torch.from_numpy(x_img).permute(2, 0, 1).unsqueeze(0))
+    _, maps, feats = trace_clusters(model, x)
+    last = [m for m in maps if m.kind == "pool"][-1]
+    official = paper_regions(model, x, 3, seed=1)
+    variant = merge_regions(feats[-1], last.labels, 3, seed=1)
+    assert torch.equal(drawn[0][1], official) and torch.equal(drawn[1][1], official)
+    assert torch.equal(drawn[2][1], variant)
+    # two different procedures: on this image (24 final clusters) their partitions differ
+    from sklearn.metrics import adjusted_rand_score
+
+    assert adjusted_rand_score(official.flatten(), variant.flatten()) < 0.9
+    with pytest.raises(SystemExit):
+        V.main([str(img), "--regions", "kmeans", "-o", str(tmp_path / "x.png")])
+    assert "invalid choice: 'kmeans'" in capsys.readouterr().err

@@ -30,13 +30,16 @@ class SemanticFPN(nn.Module):
        (nearest) and adds it; a 3x3 conv smooths each level.
     2. **Semantic branch**: each level goes through ``max(1, log2(s_i / s_0))`` steps of
        3x3 conv + GroupNorm + ReLU (+ 2x bilinear upsampling) until it reaches the finest
-       stride (4 for FEC); the levels are fused by a sum.
+       stride (4 for FEC); the levels are fused by a sum. The norm is GroupNorm (8 groups;
+       1 if the width is not a multiple of 8) where the official config
+       (``segmentation/configs/_base_/models/fpn_r50.py``, ``norm_cfg``) uses SyncBN:
+       GroupNorm's statistics do not depend on the batch, which is small on a CPU.
     3. **Classifier**: dropout and a 1x1 conv to ``num_classes`` logits at the finest stride.
 
     Args:
         in_channels: channels of the backbone maps, finest first (``feature_info.channels()``).
         num_classes: output classes. strides: the maps' strides (``feature_info.reduction()``).
-        fpn_channels, head_channels: widths (the paper's setting: 256 and 128).
+        fpn_channels, head_channels: widths (the official config's: 256 and 128).
     ``forward(features)``: a list of ``[B, C_i, H_i, W_i]`` -> logits ``[B, num_classes, H_0, W_0]``.
     """
 
@@ -104,7 +107,7 @@ class FECSegmenter(nn.Module):
     ``backbone``: any module returning a list of maps and describing them in ``feature_info``,
     e.g. ``timm.create_model('fec_tiny', features_only=True)`` or ``FEC(..., dense=True)``.
     ``fpn_channels`` / ``head_channels``: the head's widths, small by default for CPU work
-    (the paper: 256 / 128). ``forward(images [B, 3, H, W])`` -> logits ``[B, num_classes, H, W]``.
+    (the official config: 256 / 128). ``forward(images [B, 3, H, W])`` -> logits ``[B, num_classes, H, W]``.
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int, fpn_channels: int = 64, head_channels: int = 32,

@@ -9,8 +9,12 @@ Command line (any image Pillow reads)::
     python -m fec_core.visualize photo.jpg -o clusters.png
     python -m fec_core.visualize photo.jpg --checkpoint fec_small.pth --clusters 3 -o out.png
     python -m fec_core.visualize shape.png --model fec_tiny --size 64 --layers pool -o out.png
+    python -m fec_core.visualize photo.jpg --regions features -o out.png
 
-Without ``--checkpoint`` the weights are random (the command says so).
+Without ``--checkpoint`` the weights are random (the command says so). The merge panel is
+drawn as the official ``cluster_visualize.py`` draws the paper's figures
+(:func:`fec_core.interpret.paper_regions`) unless ``--regions features`` asks for this
+library's variant (:func:`fec_core.interpret.merge_regions` on the last stage's features).
 
 The parts: :mod:`~fec_core.visualize.drawing` (colors, panels, figures, saving them) and
 :mod:`~fec_core.visualize.cli` (the command). Every public name is importable from

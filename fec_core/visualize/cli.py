@@ -23,7 +23,7 @@ from ..checkpoint import CheckpointError, load_checkpoint, read_state_dict, trus
 from ..cliutil import DEBUG_HELP, one_line, print_error
 from ..costs import estimate_macs
 from ..data import normalize
-from ..interpret import merge_regions, trace_clusters
+from ..interpret import merge_regions, paper_regions, trace_clusters
 from ..model import input_multiple
 from .drawing import check_output, plot_layers, save_figure, select_layers
 
@@ -92,14 +92,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("image", help="an image file (anything Pillow reads: JPEG, PNG, ...)")
     p.add_argument("--model", default="fec_small", help="FEC variant (default fec_small)")
     p.add_argument("--checkpoint", default=None, help="weights to load (official or fec_core); random if omitted")
-    p.add_argument("--clusters", type=int, default=3, help="k: merge the final representatives into k regions "
-                                                            "with k-means (0: no merge panel)")
+    p.add_argument("--clusters", type=int, default=3, help="k: merge the final clusters into k regions with "
+                                                            "k-means, as --regions says (0: no merge panel)")
+    p.add_argument("--regions", choices=("paper", "features"), default="paper",
+                   help="what k-means merges: 'paper' (default), the official cluster_visualize.py procedure "
+                        "that draws the paper's figures (fec_core.interpret.paper_regions: the last pooling "
+                        "layer's key centers, non-empty clusters only, not unit vectors, one start); "
+                        "'features', this library's variant (fec_core.interpret.merge_regions: the last "
+                        "stage's output features as unit vectors, all representatives, ten starts)")
     p.add_argument("--layers", default="all", help="'all', 'pool' (the pooling hierarchy), 'encode', or "
                                                   "comma-separated layer positions / names")
     p.add_argument("--head", type=int, default=0, help="encode head to draw (default 0; -1: all heads)")
     p.add_argument("--size", type=int, default=224, help="shorter image side fed to the model (default 224)")
     p.add_argument("--color", choices=("mean", "palette"), default="mean", help="cluster colors (default mean)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and of k-means")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and of k-means (default 0, "
+                                                        "the official script's random_state)")
     p.add_argument("-o", "--output", default="clusters.png", help="PNG to write (default clusters.png)")
     p.add_argument("--max-gmacs", dest="max_gmacs", type=float, default=MAX_GMACS,
                    help=f"refuse inputs whose forward pass needs more than this many billion multiply-accumulates "
@@ -209,9 +216,13 @@ def _run(args) -> int:
         if args.clusters > last.num_clusters:
             print(f"note: --clusters {args.clusters} is more than the {last.num_clusters} final clusters; "
                   f"using {last.num_clusters}")
-        regions = merge_regions(feats[-1], last.labels, min(args.clusters, last.num_clusters), seed=args.seed)
+        k = min(args.clusters, last.num_clusters)
+        if args.regions == "paper":
+            regions = paper_regions(model, x, k, seed=args.seed, labels=last.labels)
+        else:
+            regions = merge_regions(feats[-1], last.labels, k, seed=args.seed)
     fig = plot_layers(x_img, shown, regions, color=args.color)
     save_figure(fig, args.output)
     print(f"{args.image}: fed as {w}x{h} pixels (width x height), {len(shown)} layer panels"
-          f"{f', k-means k={args.clusters}' if regions is not None else ''} -> {args.output}")
+          f"{f', k-means k={args.clusters} ({args.regions} merge)' if regions is not None else ''} -> {args.output}")
     return 0
