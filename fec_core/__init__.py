@@ -10,7 +10,8 @@
 * :mod:`fec_core.data`: offline data (the bundled photograph, ``digits``, ``shapes``, image folders).
 * :mod:`fec_core.train`: the training loop (``python -m fec_core.train``), DDP through torchrun.
 * :mod:`fec_core.interpret` / :mod:`fec_core.visualize`: cluster maps traced to pixels, figures, CLI;
-  :mod:`fec_core.foreground`: unsupervised foreground segmentation and its baselines.
+  :mod:`fec_core.foreground`: unsupervised foreground segmentation and its baselines;
+  :mod:`fec_core.regions`: the k-means both use.
 * :mod:`fec_core.seg`: Semantic FPN head, segmentation on ``shapes``, a torchvision detection backbone.
 * :mod:`fec_core.kernels` / :mod:`fec_core.bench`: the Triton kernels (optional) and the benchmark.
 * :mod:`fec_core.costs`: parameter and MAC counting. :mod:`fec_core.figures`: light figures.
