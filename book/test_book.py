@@ -829,3 +829,60 @@ def test_book_figures_encoding():
     with pytest.raises(ValueError, match="same size"):
         gallery(plt.gca(), [np.zeros((8, 8)), np.zeros((4, 4))], ncols=2)
     plt.close("all")
+
+
+# --------------------------------------------------------------------------- the book command
+def test_book_build_survives_a_failing_chapter(tmp_path):
+    """scripts/bookbuild.py executes every chapter even when one fails: the failure names the
+    chapter, its code cell and the error; the failed chapter is kept with the error output
+    and a note for its page; the others are executed and saved."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import bookbuild
+    finally:
+        sys.path.pop(0)
+
+    def notebook(name, *sources):
+        nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(f"# {name}")]
+                                      + [nbformat.v4.new_code_cell(s) for s in sources])
+        nbformat.write(nb, tmp_path / f"{name}.ipynb")
+        return tmp_path / f"{name}.ipynb"
+
+    good = notebook("a_good", "x = 2", "print(x + 1)")
+    bad = notebook("b_bad", "y = 1", "raise ValueError(f'broken {y}')", "print('never')")
+    failures = bookbuild.execute_all([good, bad], workers=2)
+    assert len(failures) == 1 and failures[0].startswith("b_bad.ipynb, code cell 2")
+    assert "ValueError: broken 1" in failures[0]
+    ran = nbformat.read(good, as_version=4)
+    assert ran.cells[2].outputs[0]["text"] == "3\n"
+    kept = nbformat.read(bad, as_version=4)
+    assert "stopped at code cell 2" in kept.cells[1].source            # the note on its page
+    assert kept.cells[3].outputs[0]["output_type"] == "error"
+    assert kept.cells[4].outputs == []                                 # nothing after it
+    # in place (the developer's command), a failed chapter is left as it was
+    before = bad.read_text()
+    bookbuild.execute_notebook(bad)
+    assert bad.read_text() == before
+
+
+def test_glue_writes_what_myst_nb_writes(monkeypatch):
+    """fec_core.figures.glue: numpy scalars become plain numbers (the page can format
+    them), and without myst-nb (Colab) the output is the one myst-nb would write."""
+    import numpy as np
+    from IPython.testing.globalipapp import start_ipython
+    from IPython.utils.capture import capture_output
+
+    from fec_core.figures import glue
+
+    start_ipython()
+
+    def glued(value):
+        with capture_output() as captured:
+            assert glue("ratio", value) == 2.5
+        (out,) = captured.outputs
+        return out.data, out.metadata
+
+    with_myst = glued(np.float64(2.5))
+    assert with_myst[0] == {"application/papermill.record/text/plain": "2.5"}
+    monkeypatch.setitem(sys.modules, "myst_nb", None)   # import myst_nb now fails
+    assert glued(np.float64(2.5)) == with_myst

@@ -1,6 +1,7 @@
 """Execute, clean and build the book's notebooks (a tool of this repository, not of fec_core).
 
     python scripts/bookbuild.py execute book/03_centers.ipynb   # run in place, store clean outputs
+    python scripts/bookbuild.py execute --jobs 2 book/*.ipynb    # every chapter, two at a time
     python scripts/bookbuild.py clean book/*.ipynb               # strip execution counts / volatile metadata
     python scripts/bookbuild.py build [--execute]                 # build the site (stored or fresh outputs)
     python scripts/bookbuild.py build --out /tmp/site --toc /tmp/toc.yml   # elsewhere, other chapters
@@ -144,9 +145,10 @@ def _one_thread_kernels() -> None:
     os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 
-def execute_all(notebooks: List[Path], workers: int | None = None) -> List[str]:
+def execute_all(notebooks: List[Path], workers: int | None = None,
+                save_failed: bool = True) -> List[str]:
     """Execute ``notebooks`` in place, one kernel per CPU core at a time (at most 4), the
-    later (longer, training) chapters first. A progress bar counts executed code cells of
+    later (longer, training) chapters first (``save_failed``: see :func:`execute_notebook`). A progress bar counts executed code cells of
     all chapters, so it moves while the long chapters run; a line is printed as each
     chapter finishes. A failing chapter does not stop the others: returns one line per
     failed chapter (chapter, cell, error), empty when all ran."""
@@ -167,7 +169,8 @@ def execute_all(notebooks: List[Path], workers: int | None = None) -> List[str]:
     with multiprocessing.Manager() as manager, ProcessPoolExecutor(
             workers, initializer=_one_thread_kernels if workers > 1 else None) as pool:
         progress = manager.Queue()
-        pending = {pool.submit(execute_notebook, nb, progress=progress, save_failed=True): nb for nb in order}
+        pending = {pool.submit(execute_notebook, nb, progress=progress,
+                               save_failed=save_failed): nb for nb in order}
         finished = 0
         while pending:
             try:
@@ -309,6 +312,8 @@ def main(argv: Iterable[str] | None = None) -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("execute", help="execute notebooks in place and clean them")
     e.add_argument("notebooks", nargs="+", type=Path)
+    e.add_argument("--jobs", type=int, default=1,
+                   help="chapters executed side by side (one thread each); a failed one is left as it was")
     c = sub.add_parser("clean", help="strip execution counts and volatile metadata")
     c.add_argument("notebooks", nargs="+", type=Path)
     b = sub.add_parser("build", help="build the site")
@@ -318,7 +323,11 @@ def main(argv: Iterable[str] | None = None) -> None:
     b.add_argument("--toc", type=Path, default=None, help="use another table of contents than _toc.yml")
     sub.add_parser("pin", help="point the chapters' Colab install cells at this version's tag")
     args = p.parse_args(list(argv) if argv is not None else None)
-    if args.cmd == "execute":
+    if args.cmd == "execute" and args.jobs > 1:
+        failures = execute_all(args.notebooks, workers=args.jobs, save_failed=False)
+        if failures:
+            sys.exit("failed (left as they were):\n  " + "\n  ".join(failures))
+    elif args.cmd == "execute":
         failed = False
         for nb in args.notebooks:
             result = execute_notebook(nb)
