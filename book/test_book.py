@@ -865,6 +865,27 @@ def test_book_build_survives_a_failing_chapter(tmp_path):
     assert bad.read_text() == before
 
 
+def test_book_build_names_failed_chapters_when_the_site_fails_too(tmp_path, monkeypatch):
+    """A failed chapter leaves glue keys undefined, so jupyter-book's -W fails too: the error
+    still names the chapter, its cell and error first, then jupyter-book's exit."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import bookbuild
+    finally:
+        sys.path.pop(0)
+    failure = "b_bad.ipynb, code cell 2 (raise ValueError): ValueError: broken"
+    monkeypatch.setattr(bookbuild, "execute_all", lambda notebooks: [failure])
+    monkeypatch.setattr(bookbuild.subprocess, "run",
+                        lambda cmd, env: subprocess.CompletedProcess(cmd, 1))
+    monkeypatch.setattr(bookbuild, "ROOT", tmp_path)
+    (tmp_path / "book").mkdir()
+    with pytest.raises(RuntimeError) as err:
+        bookbuild.build(execute=True, out=tmp_path)
+    lines = str(err.value).splitlines()
+    assert lines[0].startswith("1 chapter(s) failed") and lines[1].strip() == failure
+    assert lines[2].startswith("jupyter-book build failed (exit 1)")
+
+
 def test_glue_writes_what_myst_nb_writes(monkeypatch):
     """fec_core.figures.glue: numpy scalars become plain numbers (the page can format
     them), and without myst-nb (Colab) the output is the one myst-nb would write."""

@@ -14,8 +14,8 @@ Files are read without running code (:func:`read_file`): ``.safetensors`` files 
 the Hub's format) hold tensors only; PyTorch files are unpickled with ``weights_only=True``,
 which builds tensors, numbers, strings and containers of them and nothing else, plus
 ``argparse.Namespace`` (the ``args`` that timm's and the official ``train.py``'s
-``CheckpointSaver`` store). A file that needs any other class or function is refused with
-one line naming it; ``trust=True`` (or :func:`trusted`) loads it with full unpickling, which
+``CheckpointSaver`` store) and numpy scalars (MMSegmentation 0.x's ``meta``). A file that
+needs any other class or function is refused with one line naming it; ``trust=True`` (or :func:`trusted`) loads it with full unpickling, which
 runs whatever code the file carries. Not ``timm.models.load_state_dict``: before timm 1.0.26 it
 unpickles in full by default, and in every version a refused or broken file raises torch's own
 paragraph (or a bare ``FileNotFoundError``), a safetensors file is told by its name only, and
@@ -32,9 +32,16 @@ import re
 import warnings
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file  # a dependency of timm
+from torch.torch_version import TorchVersion
+
+try:  # numpy 2
+    from numpy._core import multiarray as np_multiarray
+except ImportError:  # numpy 1
+    from numpy.core import multiarray as np_multiarray
 
 from .model import FEC, checkpoint_filter_fn
 
@@ -66,10 +73,19 @@ def split_backbone(state_dict: Mapping[str, torch.Tensor]) -> Tuple[Dict[str, to
     return kept, skipped
 
 
+#: numpy's scalars (rebuilt from a dtype and raw bytes; no code runs), which MMSegmentation
+#: 0.x / MMDetection 2.x store in ``meta`` (e.g. ``hook_msgs['best_score']``, a numpy.float64).
+NUMPY_SCALAR_GLOBALS = (np_multiarray.scalar, np.dtype) + tuple(
+    type(np.dtype(t)) for t in (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8,
+                                np.float16, np.float32, np.float64))
+
 #: The classes a checkpoint may hold beyond tensors and plain values (``weights_only=True``'s
-#: own list): the ``args`` of timm's / the official ``train.py``'s ``CheckpointSaver``.
-#: MMSegmentation / MMDetection ``meta`` dicts and fec_core's own checkpoints need nothing more.
-SAFE_GLOBALS = (argparse.Namespace,)
+#: own list): the ``args`` of timm's / the official ``train.py``'s ``CheckpointSaver``, and
+#: numpy scalars. fec_core's own checkpoints need none of them.
+SAFE_GLOBALS = (argparse.Namespace,) + NUMPY_SCALAR_GLOBALS
+
+#: A file saved under numpy 1 names the scalar by its old module (torch >= 2.6 takes aliases).
+_ALIASES = [(np_multiarray.scalar, "numpy.core.multiarray.scalar")]
 
 _TRUST = contextvars.ContextVar("fec_core_trust_checkpoints", default=False)
 
@@ -121,7 +137,8 @@ def _allowing_safe_globals():
     """:data:`SAFE_GLOBALS` allowed for ``weights_only=True`` (in a block with torch >= 2.5, for
     the process with 2.4; older versions allow no extra class)."""
     if hasattr(torch.serialization, "safe_globals"):
-        return torch.serialization.safe_globals(list(SAFE_GLOBALS))
+        aliases = _ALIASES if TorchVersion(torch.__version__) >= "2.6" else []
+        return torch.serialization.safe_globals(list(SAFE_GLOBALS) + aliases)
     if hasattr(torch.serialization, "add_safe_globals"):
         torch.serialization.add_safe_globals(list(SAFE_GLOBALS))
     return contextlib.nullcontext()

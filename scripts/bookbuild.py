@@ -240,8 +240,8 @@ def build(execute: bool = False, out: Path | None = None, warnings_as_errors: bo
     with ``execute`` from freshly executed copies. ``toc``: another table of contents
     (e.g. a subset of the chapters while others are being written). Warnings are errors
     unless ``warnings_as_errors=False``. Returns the html folder; raises
-    ``RuntimeError`` when jupyter-book fails, or after building the site when a chapter
-    failed to execute (naming each: chapter, cell, error)."""
+    ``RuntimeError`` after building the site when a chapter failed to execute (naming
+    each: chapter, cell, error) or jupyter-book failed (both named when both happened)."""
     src = ROOT
     failures: List[str] = []
     out = Path(out).resolve() if out is not None else ROOT
@@ -271,14 +271,19 @@ def build(execute: bool = False, out: Path | None = None, warnings_as_errors: bo
         cmd += ["-W", "-n", "--keep-going"]
     env = dict(os.environ, PYDEVD_DISABLE_FILE_VALIDATION="1")
     result = subprocess.run(cmd, env=env)
-    if result.returncode != 0:
-        raise RuntimeError(f"jupyter-book build failed (exit {result.returncode}); "
-                           f"{'warnings are errors, ' if warnings_as_errors else ''}see its output above")
     html = out / "_build" / "html"
-    print(f"site built: {html / 'index.html'}")
-    if failures:
-        raise RuntimeError(f"{len(failures)} chapter(s) failed (their pages show the failing "
-                           "cell; the others were built):\n  " + "\n  ".join(failures))
+    problems = []
+    if failures:  # named first: a failed chapter's missing glue keys also fail the site's -W
+        problems.append(f"{len(failures)} chapter(s) failed (their pages show the failing "
+                        "cell; the others were built):\n  " + "\n  ".join(failures))
+    if result.returncode != 0:
+        problems.append(f"jupyter-book build failed (exit {result.returncode}); "
+                        f"{'warnings are errors, ' if warnings_as_errors else ''}"
+                        "see its output above")
+    elif html.is_dir():
+        print(f"site built: {html / 'index.html'}")
+    if problems:
+        raise RuntimeError("\n".join(problems))
     return html
 
 

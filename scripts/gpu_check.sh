@@ -185,7 +185,7 @@ bench_part large_infer "fec_large inference b$B_INF fp32+bf16" 60 --model fec_la
     "${IT[@]}" --paths "${EAGER[@]}" --modes infer --dtypes fp32 bf16 --batch-sizes $B_INF --resolutions $RES
 bench_part small_dense "fec_small dense features ${DENSE_RES[*]} b1" 50 --model fec_small \
     ${OFFICIAL[@]+"${OFFICIAL[@]}"} "${IT[@]}" --paths "${EAGER[@]}" --dense --modes infer --dtypes fp32 bf16 \
-    --batch-sizes 1 --resolutions "${DENSE_RES[@]}" --max-dense-gib 40
+    --batch-sizes 1 --resolutions "${DENSE_RES[@]}" --max-literal-gib 40
 bench_part small_dense_4096 "fec_small dense features ${BIG_RES} b1 bf16" 45 --model fec_small "${IT_BIG[@]}" \
     --paths fast kernel --dense --modes infer --dtypes bf16 --batch-sizes 1 --resolutions $BIG_RES
 bench_part small_compiled_train "fec_small compiled training b$B_TRAIN bf16" 180 --model fec_small \

@@ -9,7 +9,7 @@ per second, CPU time per step and peak memory, and writes ``bench.json``,
 ``bench.md`` (a Markdown table) and ``bench.png`` (a plot) to ``--out-dir``. It prints
 the device name first.
 
-Our paths (``--paths``): ``literal`` (the dense formulation), ``fast`` (the fast path in
+Our paths (``--paths``): ``literal`` (the equations with dense masks and products), ``fast`` (the fast path in
 PyTorch ops only), ``kernel`` (the fast path with the Triton kernels of
 :mod:`fec_core.kernels`, the library's default on CUDA), and ``compiled`` /
 ``compiled_kernel`` (the same two under ``torch.compile``). Each runs in its kernel mode
@@ -55,7 +55,7 @@ The parts: :mod:`~fec_core.bench.settings` (what to measure, checked first),
 :mod:`~fec_core.bench.cli`. Every public name is importable from ``fec_core.bench``.
 """
 from .cli import main, run_cli
-from .measure import (device_name, is_oom, literal_dense_bytes, measure_memory, peak_cpu_bytes, profile_table,
+from .measure import (device_name, is_oom, literal_tensor_bytes, measure_memory, peak_cpu_bytes, profile_table,
                       quiet_native_stderr, step_fn, synchronize)
 from .official import agreement, build_official, load_official
 from .report import combine_rounds, merge_reports, plot, to_markdown
@@ -63,7 +63,7 @@ from .runner import run
 from .settings import (DTYPES, KERNEL_PATHS, MODES, PATH_KERNEL_MODE, PATHS, BenchConfig, Result, check_config,
                        kernels_available)
 
-__all__ = ["BenchConfig", "Result", "run", "run_cli", "device_name", "peak_cpu_bytes", "literal_dense_bytes",
+__all__ = ["BenchConfig", "Result", "run", "run_cli", "device_name", "peak_cpu_bytes", "literal_tensor_bytes",
            "quiet_native_stderr", "synchronize", "step_fn", "measure_memory", "profile_table", "is_oom",
            "load_official", "build_official", "agreement", "merge_reports", "combine_rounds", "to_markdown", "plot",
            "main", "kernels_available", "PATHS", "PATH_KERNEL_MODE", "KERNEL_PATHS", "MODES", "DTYPES",

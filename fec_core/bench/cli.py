@@ -47,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=None, help="warm-up iterations per path (default 1 CPU, 5 CUDA)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--dense", action="store_true", help="dense features (4 stage outputs, no classifier)")
-    p.add_argument("--max-dense-gib", type=float, default=None,
+    p.add_argument("--max-literal-gib", type=float, default=None,
                    help="skip the literal and official paths where their dense tensors would exceed this "
                         "(default 4 CPU, 40 CUDA)")
     p.add_argument("--no-memory", action="store_true", help="do not measure peak memory")
@@ -131,7 +131,7 @@ def run_cli(argv: Optional[List[str]] = None) -> dict:
         iters=args.iters if args.iters is not None else (20 if gpu else 5),
         warmup=args.warmup if args.warmup is not None else (5 if gpu else 1),
         dense=args.dense,
-        max_dense_gib=args.max_dense_gib if args.max_dense_gib is not None else (40.0 if gpu else 4.0),
+        max_literal_gib=args.max_literal_gib if args.max_literal_gib is not None else (40.0 if gpu else 4.0),
         memory=not args.no_memory, seed=args.seed, official=args.official, profile=args.profile,
         references=list(args.compare))
     device = check_config(cfg)  # a clear error before the device name or any model

@@ -17,7 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 from ..layers import ClusterEncode, ClusterPool
 from .settings import DTYPES
 
-__all__ = ["device_name", "peak_cpu_bytes", "literal_dense_bytes", "quiet_native_stderr", "synchronize", "step_fn",
+__all__ = ["device_name", "peak_cpu_bytes", "literal_tensor_bytes", "quiet_native_stderr", "synchronize", "step_fn",
            "measure_memory", "profile_table", "is_oom"]
 
 
@@ -76,7 +76,7 @@ def peak_cpu_bytes(fn: Callable[[], object]) -> Optional[int]:
     return peak
 
 
-def literal_dense_bytes(model: nn.Module, batch: int, resolution: int, bytes_per: int = 4) -> int:
+def literal_tensor_bytes(model: nn.Module, batch: int, resolution: int, bytes_per: int = 4) -> int:
     """The largest dense tensors of the literal path for one input size, in bytes: per
     pooling layer the ``[B, N/4, N]`` similarity and its one-hot mask, per encode layer
     the ``[B * heads, M, N, D]`` dispatch product (used to skip sizes that cannot fit)."""

@@ -18,7 +18,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..config import kernel_mode, set_kernel_mode
-from .measure import device_name, is_oom, literal_dense_bytes, measure_memory, profile_table, step_fn, synchronize
+from .measure import device_name, is_oom, literal_tensor_bytes, measure_memory, profile_table, step_fn, synchronize
 from .official import agreement, build_official
 from .settings import KERNEL_PATHS, PATH_KERNEL_MODE, BenchConfig, Result, check_config, kernels_available
 
@@ -196,11 +196,11 @@ def _run(cfg: BenchConfig, progress: bool) -> dict:
             results.extend(setting.row.values())
             bar.update(len(names))
             continue
-        limit = cfg.max_dense_gib * 2 ** 30
+        limit = cfg.max_literal_gib * 2 ** 30
         for p in names:
-            if p in ("literal", "official") and literal_dense_bytes(model, b, r) > limit:
-                gib = literal_dense_bytes(model, b, r) / 2 ** 30
-                setting.row[p].status = f"skipped: dense tensors of {gib:.3g} GiB > --max-dense-gib {cfg.max_dense_gib}"
+            if p in ("literal", "official") and literal_tensor_bytes(model, b, r) > limit:
+                gib = literal_tensor_bytes(model, b, r) / 2 ** 30
+                setting.row[p].status = f"skipped: literal tensors of {gib:.3g} GiB > --max-literal-gib {cfg.max_literal_gib}"
                 bar.update(1)
                 continue
             if p in KERNEL_PATHS and not kernels_available(device):

@@ -44,7 +44,7 @@ class BenchConfig:
     iters: int = 5
     warmup: int = 1
     dense: bool = False
-    max_dense_gib: float = 4.0
+    max_literal_gib: float = 4.0
     memory: bool = True
     seed: int = 0
     official: Optional[str] = None
@@ -90,8 +90,8 @@ def check_config(cfg: BenchConfig) -> torch.device:
     for r in cfg.resolutions or [None]:
         if r is None or r < 32 or r % 32:
             raise ValueError(f"resolution {r} is not a positive multiple of 32 (FEC's total stride)")
-    if not cfg.max_dense_gib > 0:
-        raise ValueError(f"max_dense_gib {cfg.max_dense_gib}: must be positive")
+    if not cfg.max_literal_gib > 0:
+        raise ValueError(f"max_literal_gib {cfg.max_literal_gib}: must be positive")
     if "official" in cfg.paths and not cfg.official:
         raise ValueError("path 'official' needs the official model file (--official FILE)")
     if cfg.official and not os.path.isfile(cfg.official):

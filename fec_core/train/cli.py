@@ -28,6 +28,9 @@ from .runfiles import SAFETENSORS, SaveError, Terminated, saved_epoch
 
 __all__ = ["main"]
 
+#: torch.OutOfMemoryError (torch >= 2.5) or, before it, the CUDA one it generalizes.
+_OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -173,8 +176,8 @@ def _main(ns: Dict[str, Any], evaluate_only: bool, progress: bool, debug: bool =
         if _rank0():
             print_error(_interrupted(cfg, e, evaluate_only), e, debug, lead="\n")
         return 143 if isinstance(e, Terminated) else 130
-    except (FloatingPointError, SaveError, torch.OutOfMemoryError) as e:
-        advice = "; lower --batch-size" if isinstance(e, torch.OutOfMemoryError) else ""
+    except (FloatingPointError, SaveError, _OUT_OF_MEMORY) as e:
+        advice = "; lower --batch-size" if isinstance(e, _OUT_OF_MEMORY) else ""
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print_error(f"error: {first}{advice}; {_resume_hint(cfg)}", e, debug)
         return 2

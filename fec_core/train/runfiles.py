@@ -7,8 +7,8 @@ Every file goes through ``name.tmp``, fsync and a rename (:func:`atomic_save`); 
 raises :class:`SaveError` (which file, why: disk full, permission, read-only) and keeps the
 previous version. ``latest.pt`` is written before ``best.pt``; :func:`repair_best` restores a
 ``best.pt`` that a kill between the two left behind. Not ``timm.utils.CheckpointSaver``: it too
-writes a temporary file (``tmp.pth``) and renames it over ``last.pth``, but it removes the old
-``last.pth`` first (for Windows), so a kill between the two leaves none; it does not fsync before
+writes a temporary file (``tmp.pth.tar``) and renames it over ``last.pth.tar``, but it removes the old
+``last.pth.tar`` first (for Windows), so a kill between the two leaves none; it does not fsync before
 the rename, nor hold a Ctrl-C until the file is complete; it keeps a top-k of epoch files, stores
 the ``args`` namespace, and has nothing to repair a ``model_best`` that a kill left one epoch
 behind.
