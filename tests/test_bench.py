@@ -35,7 +35,7 @@ def test_bench_writes_json_table_and_plot(tmp_path):
 def test_bench_skips_literal_beyond_dense_limit(tmp_path):
     from fec_core import bench
     report = bench.run_cli(["--model", "fec_tiny", "--device", "cpu", "--batch-sizes", "1", "--resolutions", "64",
-                         "--iters", "1", "--warmup", "0", "--max-dense-gib", "0.000001", "--no-memory",
+                         "--iters", "1", "--warmup", "0", "--max-literal-gib", "0.000001", "--no-memory",
                          "--no-plot", "--out-dir", str(tmp_path), "--quiet"])
     lit = [r for r in report["results"] if r["path"] == "literal"][0]
     assert lit["status"].startswith("skipped") and lit["latency_ms"] is None

@@ -7,7 +7,9 @@ import shlex
 import subprocess
 import sys
 import warnings
+import zipfile
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -72,7 +74,7 @@ def test_mismatches_are_named(golden):
     with pytest.raises(CheckpointError, match=r"stages\.1\.downsample\.conv_v\.weight: checkpoint \(3, 3, 1, 1\)"):
         load_checkpoint(model, wrong)
     with pytest.raises(CheckpointError, match="another FEC variant"):
-        load_checkpoint(timm.create_model("fec_tiny", num_classes=5), sd)
+        load_checkpoint(tiny_fec(num_classes=5), sd)
 
 
 def test_head_dropped_on_purpose_for_new_classes(golden):
@@ -124,7 +126,9 @@ def downstream(backbone: FEC, layout: str) -> dict:
                 CLASSES=("wall", "building", "sky"), PALETTE=[[120, 120, 120], [180, 120, 120], [6, 230, 230]],
                 env_info="sys.platform: linux\nPython: 3.9.18\nCUDA available: True", seed=1234567,
                 exp_name="fpn_fec_small_ade20k_80k.py", epoch=1, iter=80000,
-                hook_msgs=dict(last_ckpt="work_dirs/fpn_fec_small/iter_80000.pth"))
+                hook_msgs=dict(last_ckpt="work_dirs/fpn_fec_small/iter_80000.pth",
+                               best_ckpt="work_dirs/fpn_fec_small/best_mIoU_iter_80000.pth",
+                               best_score=np.float64(0.4213)))  # EvalHook(save_best=...)
     optimizer = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(4)}},
                  "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.999), "weight_decay": 1e-4, "params": [0]}]}
     return {"meta": meta, "state_dict": sd, "optimizer": optimizer}
@@ -181,9 +185,9 @@ def test_classification_checkpoint_into_features_only_backbone(tmp_path):
 
 
 def test_dense_checkpoint_into_a_classifier_says_how():
-    dense = official_state_dict(timm.create_model("fec_tiny", dense=True))
+    dense = official_state_dict(tiny_fec(dense=True))
     with pytest.raises(CheckpointError, match="features_only=True"):
-        load_checkpoint(timm.create_model("fec_tiny", num_classes=0), dense)
+        load_checkpoint(tiny_fec(num_classes=0), dense)
     with pytest.raises(TypeError, match="features_only wrapper"):
         load_checkpoint(torch.nn.Linear(2, 2), dense)
     assert fec_core.load_checkpoint is load_checkpoint
@@ -254,6 +258,26 @@ def _hostile_cli_runs(tmp_path):
             ("fec_core.train", "--resume", path, "--no-progress"),
             ("fec_core.train", "--dataset", "digits", "--pretrained", path, "--epochs", "1", "--output-dir",
              tmp_path / "run", "--no-progress")]
+
+
+@pytest.mark.skipif(torch.__version__ < "2.6", reason="aliased safe globals need torch 2.6")
+def test_numpy_scalars_saved_under_numpy_1_names(tmp_path):
+    """A file written with numpy 1 names the scalar's rebuilder numpy.core.multiarray.scalar
+    (numpy 2: numpy._core): both read with weights_only=True, to the same values."""
+    path = tmp_path / "meta.pth"
+    torch.save({"meta": {"hook_msgs": {"best_score": np.float64(0.4213)}}}, path)
+    with zipfile.ZipFile(path) as src:
+        entries = [(i.filename, src.read(i.filename)) for i in src.infolist()]
+    old = tmp_path / "meta_numpy1.pth"
+    with zipfile.ZipFile(old, "w", zipfile.ZIP_STORED) as dst:
+        for name, data in entries:
+            if name.endswith("data.pkl"):
+                data = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+            dst.writestr(name, data)
+    assert "numpy.core.multiarray.scalar" in torch.serialization.get_unsafe_globals_in_checkpoint(old)
+    for p in (path, old):
+        score = read_file(p)["meta"]["hook_msgs"]["best_score"]
+        assert score == 0.4213 and isinstance(score, np.float64)
 
 
 def test_a_hostile_pickle_given_to_the_command_line_mains(tmp_path, capsys):

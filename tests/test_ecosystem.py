@@ -139,7 +139,7 @@ def test_torchscript_fx_and_fx_torchscript(name, no_jit_profiling):
 
 
 def test_fx_backward_and_torchvision_feature_extraction():
-    m = timm.create_model("fec_tiny", num_classes=42).train()
+    m = tiny_fec(num_classes=42).train()
     fx = _fx_model(m)
     out = next(iter(fx(images(2)).values()))
     out.mean().backward()
@@ -242,7 +242,7 @@ def exported():
 
     The pooling assignment's tile budget is lowered while exporting, so that even 64x64
     inputs take the tiled path (points and centers): its tiles must not depend on the
-    symbolic batch size (they did before: fec_small at 224x224 would not export)."""
+    symbolic batch size (if they did, fec_small at 224x224 would not export)."""
     torch.manual_seed(0)
     wrapper = LogitsAndAssignments(timm.create_model("fec_tiny").eval()).eval()
     batch = torch.export.Dim("batch", min=1, max=64)

@@ -30,10 +30,16 @@ _INTERPRET_SCRIPT = textwrap.dedent(r"""
             c_, p_ = ck.to(dt), pk.to(dt)
             got = kernels.cosine_argmax(c_, p_)
             scores = torch.matmul(p_.double(), c_.double().transpose(1, 2)).transpose(1, 2)
-            assert_assignments_close(scores, got, expected=kernels.cosine_argmax_reference(c_, p_),
-                                     atol=tolerance(dt), msg=f"{dt} {(b, m, n, c)}")
-            twice = torch.cat([c_, c_], 1)  # duplicates: same arithmetic, the first copy wins
-            assert int(kernels.cosine_argmax(twice, p_).max()) < m
+            reference = kernels.cosine_argmax_reference(c_, p_)
+            assert_assignments_close(scores, got, expected=reference, atol=tolerance(dt),
+                                     msg=f"{dt} {(b, m, n, c)}")
+            # every center twice: either copy may win (the interpreter's dots are numpy's, and
+            # an OpenBLAS build may round two copies of a row differently by their position);
+            # reduced to the original centers, the picks keep the contract
+            twice = kernels.cosine_argmax(torch.cat([c_, c_], 1), p_)
+            assert int(twice.max()) < 2 * m
+            assert_assignments_close(scores, twice % m, expected=reference, atol=tolerance(dt),
+                                     msg=f"duplicated centers, {dt} {(b, m, n, c)}")
         with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast: inputs cast like matmul would
             assert torch.equal(kernels.cosine_argmax(ck, pk), kernels.cosine_argmax(ck.bfloat16(), pk.bfloat16()))
     # through the layer function, with the kernel forced on
