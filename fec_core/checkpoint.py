@@ -10,17 +10,18 @@ maps the keys with :func:`fec_core.model.checkpoint_filter_fn` and refuses anyth
 that does not fit, naming the missing keys, unexpected keys and shape mismatches.
 It loads into an :class:`~fec_core.FEC` or into timm's ``features_only`` wrapper of one.
 
-Files are read without running code (:func:`read_file`): ``.safetensors`` files (timm's and
-the Hub's format) hold tensors only; PyTorch files are unpickled with ``weights_only=True``,
-which builds tensors, numbers, strings and containers of them and nothing else, plus
+Files are read without running code (:func:`read_file`): ``.safetensors`` files (timm's and the
+Hub's format) hold tensors only; PyTorch files are unpickled with ``weights_only=True``, which
+builds tensors, numbers, strings and containers of them and nothing else, plus
 ``argparse.Namespace`` (the ``args`` that timm's and the official ``train.py``'s
-``CheckpointSaver`` store) and numpy scalars (MMSegmentation 0.x's ``meta``). A file that
-needs any other class or function is refused with one line naming it; ``trust=True`` (or :func:`trusted`) loads it with full unpickling, which
-runs whatever code the file carries. Not ``timm.models.load_state_dict``: before timm 1.0.26 it
-unpickles in full by default, and in every version a refused or broken file raises torch's own
-paragraph (or a bare ``FileNotFoundError``), a safetensors file is told by its name only, and
-the EMA weights are taken when present; the prefixes are stripped with timm's
-``clean_state_dict`` (:func:`fec_core.model.checkpoint_filter_fn`).
+``CheckpointSaver`` store) and numpy scalars (MMSegmentation 0.x's ``meta``). A file that needs
+any other class or function is refused with one line naming it; ``trust=True`` (or
+:func:`trusted`) loads it with full unpickling, which runs whatever code the file carries. Not
+``timm.models.load_state_dict``: before timm 1.0.26 it unpickles in full by default, and in
+every version a refused or broken file raises torch's own paragraph (or a bare
+``FileNotFoundError``), a safetensors file is told by its name only, and the EMA weights are
+taken when present; the prefixes are stripped with timm's ``clean_state_dict``
+(:func:`fec_core.model.checkpoint_filter_fn`).
 """
 from __future__ import annotations
 

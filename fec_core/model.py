@@ -126,7 +126,8 @@ class FEC(nn.Module):
         num_classes: classifier size (0: no classifier). dense: per-stage GroupNorms for
             dense prediction and no classifier (the official ``fork_feat``); the last one
             normalizes :meth:`forward_features`.
-        literal: use the literal clustering path, dense masks and products (for teaching and testing).
+        literal: use the literal clustering path, with dense masks and products (for teaching
+            and testing).
         drop_rate: dropout in every block's MLP, as the official ``drop_rate``, and before the
             classifier (``head_drop``, as timm's models have it). The official head has no
             dropout: with ``drop_rate > 0`` the two differ there (the official training
@@ -224,7 +225,8 @@ class FEC(nn.Module):
         return [m for m in self.modules() if isinstance(m, (ClusterEncode, ClusterPool))]
 
     def set_literal(self, literal: bool = True) -> "FEC":
-        """Switch every clustering layer between the literal path (dense masks and products) and the fast path."""
+        """Switch every clustering layer between the literal path (dense masks and products)
+        and the fast path."""
         for m in self.clustering_layers():
             m.literal = literal
         return self

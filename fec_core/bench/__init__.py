@@ -9,9 +9,9 @@ per second, CPU time per step and peak memory, and writes ``bench.json``,
 ``bench.md`` (a Markdown table) and ``bench.png`` (a plot) to ``--out-dir``. It prints
 the device name first.
 
-Our paths (``--paths``): ``literal`` (the equations with dense masks and products), ``fast`` (the fast path in
-PyTorch ops only), ``kernel`` (the fast path with the Triton kernels of
-:mod:`fec_core.kernels`, the library's default on CUDA), and ``compiled`` /
+Our paths (``--paths``): ``literal`` (the equations with dense masks and products),
+``fast`` (the fast path in PyTorch ops only), ``kernel`` (the fast path with the Triton
+kernels of :mod:`fec_core.kernels`, the library's default on CUDA), and ``compiled`` /
 ``compiled_kernel`` (the same two under ``torch.compile``). Each runs in its kernel mode
 (:data:`~fec_core.bench.settings.PATH_KERNEL_MODE`); where the kernels cannot run (a CPU
 outside Triton's interpreter) the kernel paths are reported as skipped.

@@ -200,7 +200,8 @@ def _run(cfg: BenchConfig, progress: bool) -> dict:
         for p in names:
             if p in ("literal", "official") and literal_tensor_bytes(model, b, r) > limit:
                 gib = literal_tensor_bytes(model, b, r) / 2 ** 30
-                setting.row[p].status = f"skipped: literal tensors of {gib:.3g} GiB > --max-literal-gib {cfg.max_literal_gib}"
+                setting.row[p].status = (f"skipped: literal tensors of {gib:.3g} GiB > "
+                                         f"--max-literal-gib {cfg.max_literal_gib}")
                 bar.update(1)
                 continue
             if p in KERNEL_PATHS and not kernels_available(device):
