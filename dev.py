@@ -3,7 +3,7 @@
 
     python3 dev.py book   # set up .venv, execute every chapter, build the site (_build/html)
     python3 dev.py test   # set up .venv, unit tests, every notebook once (alone, outputs compared), site
-    python3 dev.py test --cpu-compat   # the same (without the site) on another CPU code path
+    python3 dev.py test --cpu-compat   # the same (without the site and process tests) on another CPU code path
     python3 dev.py book --cpu-compat   # the chapters on that code path, two at a time
     python3 dev.py book --loaded       # any command while another program keeps one core busy
 
@@ -113,7 +113,9 @@ def main(argv=None) -> int:
         pytest += ["-n", str(min(os.cpu_count(), 4)), "--dist", "loadgroup"]
         env.setdefault("OMP_NUM_THREADS", "1")  # workers side by side, not threads fighting for cores
     if compat:
-        pytest += ["-m", "not browser"]  # the site does not depend on the CPU's arithmetic
+        # the site, and processes, signals, files and command lines, do not depend on the
+        # CPU's arithmetic: the first configuration runs them
+        pytest += ["-m", "not browser and not process"]
     else:
         ensure_browser()
     return run([*pytest, *rest], env=env)

@@ -156,6 +156,7 @@ def test_bench_bad_settings_one_line(args, message, capsys):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("args,message", [BAD_SETTINGS[0], BAD_SETTINGS[3], BAD_SETTINGS[10]])
+@pytest.mark.process
 def test_bench_cli_bad_settings_no_traceback(args, message):
     """The same as a user sees it: a subprocess, one line, no traceback."""
     if args[:2] == ["--device", "cuda:7"] and torch.cuda.device_count() > 7:

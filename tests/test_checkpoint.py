@@ -295,6 +295,7 @@ def test_a_hostile_pickle_given_to_the_command_line_mains(tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.process
 def test_a_hostile_pickle_through_the_command_lines(tmp_path):
     """The same file given to python -m fec_core.visualize --checkpoint and to python -m
     fec_core.train --resume / --pretrained: exit 2, exactly one line on stderr, no traceback,

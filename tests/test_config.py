@@ -44,6 +44,7 @@ def test_the_scatter_backend_is_what_aggregate_uses():
     assert config.scatter_backend() == "torch"
 
 
+@pytest.mark.process
 def test_environment_variables_and_their_fallback():
     """FEC_KERNELS and FEC_SCATTER_BACKEND are read once, at import; an unknown value falls back
     to the default. FEC_KERNELS=on serves CPU tensors in Triton's interpreter, =off never."""

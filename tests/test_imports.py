@@ -52,6 +52,7 @@ CHILD = textwrap.dedent("""
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="forks a child per module")
+@pytest.mark.process
 def test_every_module_imports_alone_without_a_module_getattr():
     modules = _modules()
     assert len(modules) > 30 and "fec_core.interpret" in modules and "fec_core.train.loop" in modules

@@ -84,6 +84,7 @@ def _kill_trials(work, scenario):
 
 
 @pytest.mark.slow
+@pytest.mark.process
 def test_sigkill_before_or_after_every_write_then_resume_ends_as_an_uninterrupted_run(fast_dir):
     """A 3-epoch run (epochs 1 and 2 improve, 3 does not) SIGKILLed right before and right
     after each of its 11 file renames, then resumed: latest.pt, best.pt, metrics.jsonl,
@@ -97,6 +98,7 @@ def test_sigkill_before_or_after_every_write_then_resume_ends_as_an_uninterrupte
 
 
 @pytest.mark.slow
+@pytest.mark.process
 def test_sigkill_at_every_write_of_a_resumed_run(fast_dir):
     """The same for the writes of a resumed run (its log and config rewrite, epochs 2 and 3,
     best.safetensors)."""
@@ -126,6 +128,7 @@ def _default_sigint():
 
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child process is POSIX")
+@pytest.mark.process
 def test_ctrl_c_says_how_to_resume_and_the_resume_extends_the_schedule(tmp_path):
     """Ctrl-C (SIGINT) in the middle of a CLI run: exit 130, one line that names the command
     to continue, no traceback. Resuming with fewer epochs than planned re-plans the schedule
@@ -294,6 +297,7 @@ DIGITS = ["--dataset", "digits", "--epochs", "3", "--no-progress"]
 
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM to a child process is POSIX")
+@pytest.mark.process
 def test_sigterm_mid_epoch_says_where_and_the_printed_command_continues_exactly(tmp_path):
     """kill -TERM (what SLURM, Kubernetes and timeout send) in the middle of epoch 2 of a CLI
     run on the digits: exit 143, one line with the epoch and the exact resume command, no
@@ -319,6 +323,7 @@ def test_sigterm_mid_epoch_says_where_and_the_printed_command_continues_exactly(
 
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32" or not torch.distributed.is_available(), reason="POSIX, gloo")
+@pytest.mark.process
 def test_sigterm_to_torchrun_stops_every_rank_and_rank_0_says_how_to_resume(tmp_path):
     """Two gloo processes on the CPU under torchrun; SIGTERM to torchrun (it forwards it to
     every rank, as at a SLURM or Kubernetes stop) in the middle of epoch 2: torchrun exits
@@ -397,6 +402,7 @@ def test_bad_checkpoint_files_are_one_line_for_every_cli(tmp_path, capsys, monke
 
 
 @pytest.mark.slow
+@pytest.mark.process
 def test_truncated_checkpoint_given_to_the_train_command_is_one_line(tmp_path):
     """The issue's trial, as a user runs it: python -m fec_core.train --resume cut.pt."""
     run = tmp_path / "run"
@@ -444,6 +450,7 @@ def _fill(folder, leave=0):
 
 
 @pytest.mark.slow
+@pytest.mark.process
 def test_full_disk_keeps_the_previous_checkpoint(tmp_path):
     """A real small filesystem filled up after epoch 1: the save of epoch 2 fails with
     'disk is full', epoch 1's files stay loadable, no partial file is left; the CLI says
@@ -477,6 +484,7 @@ def test_full_disk_before_training_is_reported_before_training(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.process
 def test_read_only_output_is_refused_before_training(tmp_path):
     with tmpfs(tmp_path / "ro", "64k", readonly=True) as ro:
         code, _, err = cli("fec_core.train", *TINY, "--epochs", "1", "--output-dir", os.path.join(ro, "run"))
@@ -609,6 +617,7 @@ def test_cli_image_folder_bad_values(tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.process
 def test_cli_as_a_user_cuda_divergence_one_class(tmp_path):
     """Three user mistakes, each a real subprocess: a missing GPU, a learning rate that
     diverges, a one-class image folder. One line each, no traceback."""

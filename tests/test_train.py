@@ -174,6 +174,7 @@ DDP_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.slow
+@pytest.mark.process
 def test_ddp_two_processes_on_cpu_end_with_identical_weights(tmp_path):
     script = tmp_path / "ddp_run.py"
     script.write_text(DDP_SCRIPT.format(tests=os.path.dirname(__file__), out=str(tmp_path)))
